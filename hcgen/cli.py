@@ -1,0 +1,32 @@
+"""The `hcgen` command: parse, call the library, print. Subcommands live in hcgen/commands/."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hcgen.commands import doctor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hcgen",
+        description="Adversarial diversity and hard positive generation (Rozsa et al., CVPRW 2016) on Caffe.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (doctor,):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"hcgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `hcgen` subcommand; each exposes `add_parser(subparsers)` that sets `func`."""
