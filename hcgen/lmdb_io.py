@@ -133,13 +133,14 @@ def decode_datum(buf: bytes) -> Datum:
 
 def _decode_batch(keys: list[str], values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     datums = [decode_datum(v) for v in values]
+    for key, d in zip(keys, datums):
+        if d.encoded:
+            raise ValueError(f"Datum {key} holds an encoded image (convert_imageset --encoded); only raw uint8 is read")
     shapes = {(d.channels, d.height, d.width) for d in datums}
     if len(shapes) > 1:
         raise ValueError(f"Datums of different shapes {sorted(shapes)} around key {keys[0]}")
     shape = shapes.pop() if shapes else (0, 0, 0)
     for key, d in zip(keys, datums):
-        if d.encoded:
-            raise ValueError(f"Datum {key} holds an encoded image (convert_imageset --encoded); only raw uint8 is read")
         if len(d.data) != shape[0] * shape[1] * shape[2]:
             kind = "float_data (only uint8 data is read)" if d.float_data else f"{len(d.data)} data bytes"
             raise ValueError(f"Datum {key} has {kind}, expected {shape[0] * shape[1] * shape[2]} uint8 for shape {shape}")

@@ -180,11 +180,13 @@ def load_mnist(source: str | os.PathLike | None = None, split: str = "train") ->
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     directory = Path(source) if source is not None else find_mnist_dir()
-    missing = missing_files(directory)
+    missing = [stem for stem in SPLITS[split] if _locate(directory, stem) is None]
     if missing:
         raise FileNotFoundError(f"{directory} lacks the MNIST files {missing} (gzipped or not)")
-    images_stem, labels_stem = SPLITS[split]
-    return read_idx(directory, images_stem), read_idx(directory, labels_stem)
+    images, labels = (read_idx(directory, stem) for stem in SPLITS[split])
+    if len(images) != len(labels):
+        raise ValueError(f"{directory}: {len(images)} {split} images but {len(labels)} labels")
+    return images, labels
 
 
 def convert_mnist(out_dir: str | os.PathLike, source: str | os.PathLike | None = None, force: bool = False,
