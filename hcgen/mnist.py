@@ -63,8 +63,8 @@ def missing_files(directory: str | os.PathLike) -> list[str]:
 
 def search_path(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Directories `find_mnist_dir` looks in, after $HCGEN_MNIST_DIR and before downloading."""
-    dirs = [Path.cwd() / "../shared/data/mnist", _REPO_ROOT / "../shared/data/mnist",
-            Path(cache_dir) if cache_dir is not None else default_cache_dir()]
+    dirs = [Path(os.path.normpath(base / "../shared/data/mnist")) for base in (Path.cwd(), _REPO_ROOT)]
+    dirs.append(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     unique: list[Path] = []
     for d in dirs:
         if d.resolve() not in [u.resolve() for u in unique]:
