@@ -157,6 +157,19 @@ def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
     return lmdb.open(str(path), readonly=True, lock=False, readahead=False)
 
 
+def _contiguous_count(env: lmdb.Environment, path: Path) -> int:
+    """Record count, checking that the keys are exactly '%08d' % i for i < count."""
+    count = env.stat()["entries"]
+    if count:
+        with env.begin() as txn, txn.cursor() as cur:
+            first = cur.key() if cur.first() else b""
+            last = cur.key() if cur.last() else b""
+        if first != key_for(0).encode() or last != key_for(count - 1).encode():
+            raise ValueError(f"{path}: keys run {first!r}..{last!r} for {count} records, not contiguous "
+                             "'%08d' keys (as hcgen and convert_mnist_data write them)")
+    return count
+
+
 def lmdb_count(path: str | os.PathLike) -> int:
     """Number of records in the LMDB at `path` (0 if it does not exist): the index of the next key."""
     if not (Path(path) / "data.mdb").is_file():
@@ -332,15 +345,11 @@ class DatumWriter:
                  map_size: int = 1 << 28):
         self.path = Path(path)
         self._env = lmdb.open(str(self.path), map_size=map_size, meminit=False)
-        self.count = self._env.stat()["entries"]
-        if self.count:
-            with self._env.begin() as txn, txn.cursor() as cur:
-                first = cur.key() if cur.first() else b""
-                last = cur.key() if cur.last() else b""
-            if first != key_for(0).encode() or last != key_for(self.count - 1).encode():
-                self._env.close()
-                raise ValueError(f"{self.path}: keys run {first!r}..{last!r} for {self.count} records, not "
-                                 f"contiguous '%08d' keys; cannot append")
+        try:
+            self.count = _contiguous_count(self._env, self.path)
+        except ValueError:
+            self._env.close()
+            raise
         table_path = self.path / METADATA_FILE
         self.metadata: MetadataTable | None = None
         self.missing_metadata = np.zeros(0, np.int64)
@@ -438,7 +447,7 @@ def mix_lmdbs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, seed
               chunk_size: int = 4096, progress: Callable[[int], None] | None = None) -> int:
     """Write every (included) record of `sources` exactly once to `out`, in a seeded random order.
 
-    Keys are fresh ``%08d``; Datum bytes are copied unchanged. `include(source_index, key, metadata_row)`
+    Sources need contiguous ``%08d`` keys; output keys are fresh ``%08d``; Datum bytes are copied unchanged. `include(source_index, key, metadata_row)`
     selects records (the row is {} without metadata). `out` gets a metadata table with columns
     ``source_lmdb``, ``source_key`` and the union of the sources' columns (a source column that collides
     is renamed ``parent_<name>``). Records are read `chunk_size` at a time; only an index of
@@ -446,10 +455,11 @@ def mix_lmdbs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, seed
     Returns the number of records in `out`.
     """
     paths = [Path(s) for s in sources]
+    counts = []
+    for p in paths:
+        with _open_readonly(p) as env:
+            counts.append(_contiguous_count(env, p))
     tables = [_open_metadata(p) for p in paths]
-    counts = [lmdb_count(p) if (p / "data.mdb").is_file() else -1 for p in paths]
-    if -1 in counts:
-        raise FileNotFoundError(f"no LMDB at {paths[counts.index(-1)]}")
     src_ids, rec_ids = [], []
     for s, (n, table) in enumerate(zip(counts, tables)):
         if include is None:

@@ -119,6 +119,10 @@ def test_reader_and_writer_errors(tmp_path):
             read_lmdb(tmp_path / str(i))
     with pytest.raises(ValueError, match="not contiguous"):
         DatumWriter(tmp_path / "0")
+    with pytest.raises(ValueError, match="not contiguous"):
+        mix_lmdbs([tmp_path / "0"], tmp_path / "mixed", seed=0)
+    with pytest.raises(FileNotFoundError, match="no LMDB"):
+        mix_lmdbs([tmp_path / "absent"], tmp_path / "mixed", seed=0)
 
 
 def test_metadata_table(tmp_path):
