@@ -135,7 +135,8 @@ def _decode_batch(keys: list[str], values: list[bytes]) -> tuple[np.ndarray, np.
     datums = [decode_datum(v) for v in values]
     for key, d in zip(keys, datums):
         if d.encoded:
-            raise ValueError(f"Datum {key} holds an encoded image (convert_imageset --encoded); only raw uint8 is read")
+            raise ValueError(f"Datum {key} holds an encoded image (convert_imageset --encoded); "
+                             "only raw uint8 data is read")
     shapes = {(d.channels, d.height, d.width) for d in datums}
     if len(shapes) > 1:
         raise ValueError(f"Datums of different shapes {sorted(shapes)} around key {keys[0]}")
@@ -143,7 +144,7 @@ def _decode_batch(keys: list[str], values: list[bytes]) -> tuple[np.ndarray, np.
     for key, d in zip(keys, datums):
         if len(d.data) != shape[0] * shape[1] * shape[2]:
             kind = "float_data (only uint8 data is read)" if d.float_data else f"{len(d.data)} data bytes"
-            raise ValueError(f"Datum {key} has {kind}, expected {shape[0] * shape[1] * shape[2]} uint8 for shape {shape}")
+            raise ValueError(f"Datum {key} has {kind}, expected {int(np.prod(shape))} uint8 for shape {shape}")
     images = np.frombuffer(b"".join(d.data for d in datums), np.uint8).reshape((len(datums),) + shape)
     return images, np.array([d.label for d in datums], np.int64)
 
@@ -447,11 +448,12 @@ def mix_lmdbs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, seed
               chunk_size: int = 4096, progress: Callable[[int], None] | None = None) -> int:
     """Write every (included) record of `sources` exactly once to `out`, in a seeded random order.
 
-    Sources need contiguous ``%08d`` keys; output keys are fresh ``%08d``; Datum bytes are copied unchanged. `include(source_index, key, metadata_row)`
-    selects records (the row is {} without metadata). `out` gets a metadata table with columns
-    ``source_lmdb``, ``source_key`` and the union of the sources' columns (a source column that collides
-    is renamed ``parent_<name>``). Records are read `chunk_size` at a time; only an index of
-    (source, key) pairs is held in memory. Rerunning with the same arguments after a crash resumes.
+    Sources need contiguous ``%08d`` keys; output keys are fresh ``%08d``; Datum bytes are copied
+    unchanged. `include(source_index, key, metadata_row)` selects records (the row is {} without
+    metadata). `out` gets a metadata table with columns ``source_lmdb``, ``source_key`` and the union
+    of the sources' columns (a source column that collides is renamed ``parent_<name>``). Records are
+    read `chunk_size` at a time; only an index of (source, key) pairs is held in memory. Rerunning with
+    the same arguments after a crash resumes.
     Returns the number of records in `out`.
     """
     paths = [Path(s) for s in sources]

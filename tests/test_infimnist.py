@@ -46,7 +46,8 @@ def test_affine_part_matches_the_documented_map(train):
     c = 13.5
     y, x = np.mgrid[0:28, 0:28] - c
     for i in range(len(images)):
-        a = s[i] * np.array([[np.cos(theta[i]), -np.sin(theta[i])], [np.sin(theta[i]), np.cos(theta[i])]]) @ [[1, h[i]], [0, 1]]
+        rotation = np.array([[np.cos(theta[i]), -np.sin(theta[i])], [np.sin(theta[i]), np.cos(theta[i])]])
+        a = s[i] * rotation @ [[1, h[i]], [0, 1]]
         src_x = c + a[0, 0] * x + a[0, 1] * y + d["tx"][i]
         src_y = c + a[1, 0] * x + a[1, 1] * y + d["ty"][i]
         ref = ndimage.map_coordinates(images[i].astype(float), [src_y, src_x], order=1, mode="grid-constant")
