@@ -1,0 +1,35 @@
+# hcgen: everything a user runs goes through these targets (reached on a fresh Debian 12 machine via
+# `bash scripts/bootstrap.sh TARGET`, which first installs make, python3 and the build tools).
+SHELL := /bin/bash
+PYTHON_SYS ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hcgen-installed
+
+.PHONY: setup caffe demo test doctor table1-quick table1-full bench clean
+
+setup: caffe
+
+# The virtualenv, with hcgen installed in editable mode; redone only when setup.py changes.
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Builds Caffe once into ~/.cache/hcgen (keyed by sdist + patches) and links it into the venv.
+caffe: $(STAMP)
+	bash scripts/install_caffe.sh $(VENV)
+
+doctor: caffe
+	$(VENV)/bin/hcgen doctor
+
+# The main job: works with no arguments (see README).
+demo: caffe
+	$(VENV)/bin/hcgen doctor
+
+test: caffe
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

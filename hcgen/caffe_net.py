@@ -1,0 +1,307 @@
+"""The only module that imports caffe: a deploy net seen in pixel units.
+
+`CaffeNet` wraps a deploy prototxt + caffemodel. Images go in as float or uint8 batches
+(N, C, H, W) of pixels in [0, 255]; the adapter applies the net's preprocessing
+(LeNet: ``scale = 1/256``; ImageNet nets: channel order and mean, see `Preprocessing`) and
+returns gradients with respect to the *pixels*, so a step ``eps`` along a direction is in
+grey levels.
+
+Scores are the penultimate blob ``h(x)`` (the input of the final Softmax: LeNet ``ip2``),
+the "features of the penultimate layer" of Eq. 7 in Rozsa et al. (CVPRW 2016). The image
+gradient of a feature vector is computed with ``Net.backward_from`` (B_l, Sec. 4.3), which
+hcgen adds to pycaffe with patches/0003-pycaffe-backward-from.patch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("GLOG_minloglevel", "2")  # keep Caffe's INFO logging off stderr
+
+import caffe  # noqa: E402
+from caffe.proto import caffe_pb2  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
+
+caffe.set_mode_cpu()
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Pixels -> net input: ``net[:, c] = (pixels[:, channel_order[c]] - mean[c]) * scale``.
+
+    LeNet (Caffe's MNIST example): ``scale=1/256`` (0.00390625), no mean, one channel.
+    BVLC-GoogLeNet: ``channel_order=(2, 1, 0)`` (RGB pixels -> BGR), ``mean=(104, 117, 123)``,
+    ``scale=1``.
+    """
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    channel_order: tuple[int, ...] = ()
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.channel_order:
+            x = x[:, list(self.channel_order)]
+        if self.mean:
+            x = x - np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
+        return x * np.float32(self.scale)
+
+    def inverse(self, net_input: np.ndarray) -> np.ndarray:
+        """Exact inverse of `forward` (up to float rounding): net input -> pixels."""
+        x = np.asarray(net_input, dtype=np.float64) / self.scale
+        if self.mean:
+            x = x + np.asarray(self.mean, dtype=np.float64)[None, :, None, None]
+        if self.channel_order:
+            x = x[:, np.argsort(self.channel_order)]
+        return x
+
+    def gradient_to_pixels(self, input_diff: np.ndarray) -> np.ndarray:
+        """Chain rule through `forward`: d/d(pixels) = scale * d/d(net input), channels put back."""
+        g = np.asarray(input_diff, dtype=np.float64) * self.scale
+        if self.channel_order:
+            g = g[:, np.argsort(self.channel_order)]
+        return g
+
+
+LENET = Preprocessing(scale=0.00390625)
+
+
+def read_net_parameter(prototxt: str | os.PathLike) -> caffe_pb2.NetParameter:
+    path = Path(prototxt)
+    if not path.is_file():
+        raise FileNotFoundError(f"deploy prototxt not found: {path}")
+    param = caffe_pb2.NetParameter()
+    try:
+        text_format.Merge(path.read_text(), param)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path} is not a valid Caffe NetParameter prototxt: {exc}") from exc
+    return param
+
+
+def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
+    """Name of the layer whose top feeds the final Softmax (the paper's penultimate layer)."""
+    softmax = [layer for layer in param.layer if layer.type == "Softmax"]
+    if not softmax:
+        raise ValueError(
+            "the prototxt has no Softmax layer, so the penultimate layer cannot be found; "
+            "name it with --layer"
+        )
+    blob = softmax[-1].bottom[0]
+    producers = [layer.name for layer in param.layer if blob in layer.top and layer.type != "Softmax"]
+    if not producers:
+        raise ValueError(f"no layer produces {blob!r}, the input of the final Softmax; name one with --layer")
+    return producers[-1]
+
+
+@dataclass
+class CaffeNet:
+    """A deploy net (prototxt with an Input layer, ``force_backward: true``) + caffemodel.
+
+    Parameters
+    ----------
+    deploy, weights : paths to the deploy prototxt and the trained caffemodel.
+    preprocessing : pixels -> net input (default: LeNet's scale 1/256).
+    layer : the penultimate layer; default: the layer feeding the final Softmax.
+    batch_size : images per forward pass.
+    """
+
+    deploy: str | os.PathLike
+    weights: str | os.PathLike
+    preprocessing: Preprocessing = LENET
+    layer: str | None = None
+    batch_size: int = 256
+    net: caffe.Net = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        param = read_net_parameter(self.deploy)
+        if not param.force_backward:
+            raise ValueError(
+                f"{self.deploy} lacks 'force_backward: true'; input gradients would be zero"
+            )
+        if not Path(self.weights).is_file():
+            raise FileNotFoundError(f"weights not found: {self.weights} (train a net with `hcgen train`)")
+        self.net = caffe.Net(str(self.deploy), caffe.TEST, weights=str(self.weights))
+        if len(self.net.inputs) != 1:
+            raise ValueError(f"{self.deploy} must have exactly one input blob, has {list(self.net.inputs)}")
+        self.input_blob = self.net.inputs[0]
+        self.input_shape = tuple(self.net.blobs[self.input_blob].shape[1:])
+        self.layer = self.layer or penultimate_layer(param)
+        if self.layer not in self.net.top_names:
+            raise ValueError(
+                f"unknown layer {self.layer!r}; layers of {self.deploy}: {', '.join(self.net.top_names)}"
+            )
+        tops = self.net.top_names[self.layer]
+        if len(tops) != 1:
+            raise ValueError(f"layer {self.layer!r} has {len(tops)} top blobs; it needs exactly one")
+        self.score_blob = tops[0]
+        outputs = [self.net.blobs[name].data for name in self.net.outputs]
+        self.num_classes = int(np.prod(outputs[-1].shape[1:]))
+        score_size = int(np.prod(self.net.blobs[self.score_blob].shape[1:]))
+        if score_size != self.num_classes:
+            raise ValueError(
+                f"layer {self.layer!r} outputs {score_size} values per image but the net has "
+                f"{self.num_classes} classes; choose the layer before the Softmax"
+            )
+
+    # -- batching -------------------------------------------------------------------------
+
+    def _check(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.asarray(pixels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}"
+            )
+        return x
+
+    def _forward_chunk(self, x: np.ndarray) -> np.ndarray:
+        blob = self.net.blobs[self.input_blob]
+        if blob.shape[0] != len(x):
+            blob.reshape(len(x), *self.input_shape)
+            self.net.reshape()
+        blob.data[...] = self.preprocessing.forward(x)
+        self.net.forward(end=self.layer)
+        return self.net.blobs[self.score_blob].data.reshape(len(x), -1).copy()
+
+    def scores(self, pixels: np.ndarray) -> np.ndarray:
+        """Penultimate scores h(x), float32 (N, n_classes), for pixel images (N, C, H, W)."""
+        x = self._check(pixels)
+        out = np.empty((len(x), self.num_classes), dtype=np.float32)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            out[start:stop] = self._forward_chunk(x[start:stop])
+        return out
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, scores): argmax of the penultimate scores (= argmax of the Softmax)."""
+        s = self.scores(pixels)
+        return s.argmax(axis=1), s
+
+    # -- gradients ------------------------------------------------------------------------
+
+    def _backward_chunk(self, x: np.ndarray, features_fn) -> np.ndarray:
+        h = self._forward_chunk(x)
+        omega = features_fn(h).reshape(self.net.blobs[self.score_blob].shape)
+        diff = self.net.backward_from(self.layer, omega)
+        return self.preprocessing.gradient_to_pixels(diff)
+
+    def backward_from(self, pixels: np.ndarray, features_fn) -> np.ndarray:
+        """B_l: image-space gradient of <omega, h(x)> with omega = features_fn(h(x)).
+
+        `features_fn` maps penultimate scores (n, n_classes) of a chunk to features of the same
+        shape (e.g. Eq. 7's omega_hc). Returns float64 (N, C, H, W) in pixel units.
+        """
+        x = self._check(pixels)
+        out = np.empty(x.shape, dtype=np.float64)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            out[start:stop] = self._backward_chunk(x[start:stop], features_fn)
+        return out
+
+    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
+        x = self._check(pixels)
+        y = np.asarray(labels)
+        if y.shape != (len(x),):
+            raise ValueError(f"labels must have shape ({len(x)},), got {y.shape}")
+        if y.min(initial=0) < 0 or y.max(initial=0) >= self.num_classes:
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got {y.min()}..{y.max()}")
+        out = np.empty(x.shape, dtype=np.float64)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            yy = y[start:stop]
+
+            def dloss_dlogits(h: np.ndarray) -> np.ndarray:
+                p = np.exp(h - h.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                p[np.arange(len(yy)), yy] -= 1.0  # dJ/dh = softmax(h) - onehot(y)
+                return p
+
+            out[start:stop] = self._backward_chunk(x[start:stop], dloss_dlogits)
+        return out
+
+
+TINY_NET = """name: "hcgen-tiny"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 6 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 }
+                      bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "act" type: "TanH" bottom: "conv" top: "act" }
+layer { name: "ip" type: "InnerProduct" bottom: "act" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def tiny_net(directory: str | os.PathLike, seed: int = 0, force_backward: bool = True) -> caffe.Net:
+    """A 6x6 conv-tanh-ip net with random weights (seeded), for checks and tests."""
+    path = Path(directory) / ("tiny.prototxt" if force_backward else "tiny_nobackward.prototxt")
+    text = TINY_NET if force_backward else TINY_NET.replace("force_backward: true\n", "")
+    path.write_text(text)
+    caffe.set_random_seed(seed)
+    return caffe.Net(str(path), caffe.TEST)
+
+
+def check_backward_from(directory: str | os.PathLike, h: float = 1e-2) -> float:
+    """Max relative error of ``backward_from`` against central differences of <w, ip(x)>."""
+    net = tiny_net(directory)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=net.blobs["data"].shape)
+    w = rng.normal(size=net.blobs["ip"].shape).astype(np.float32)
+
+    def objective(z: np.ndarray) -> np.ndarray:
+        net.blobs["data"].data[...] = z
+        net.forward(end="ip")
+        return (net.blobs["ip"].data.astype(np.float64) * w).sum()
+
+    objective(x)
+    analytic = net.backward_from("ip", w).astype(np.float64)
+    numeric = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        numeric[idx] = (objective(x + e) - objective(x - e)) / (2 * h)
+    return float(np.abs(analytic - numeric).max() / np.abs(numeric).max())
+
+
+def build_info() -> dict:
+    """What `hcgen doctor` reports about the Caffe this process imported."""
+    native = Path(caffe._caffe.__file__)
+    blas = "unknown"
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "blas" in line.rsplit("/", 1)[-1]:
+            blas = line.split()[-1]
+            break
+    return {
+        "caffe_python": str(Path(caffe.__file__).parent),
+        "caffe_native": str(native.resolve()),
+        "caffe_version": caffe.__version__,
+        "blas": blas,
+        "layer_types": len(caffe.layer_type_list()),
+        "has_backward_from": hasattr(caffe.Net, "backward_from"),
+    }
+
+
+def check_lmdb_data_layer(directory: str | os.PathLike) -> int:
+    """Reads a 3-record LMDB written from Python through Caffe's Data layer; returns labels seen."""
+    import lmdb
+
+    db = Path(directory) / "doctor_lmdb"
+    with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        for i in range(3):
+            datum = caffe.io.array_to_datum(np.full((1, 2, 2), i, np.uint8), label=i)
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    proto = Path(directory) / "doctor_data.prototxt"
+    proto.write_text(
+        'layer { name: "d" type: "Data" top: "data" top: "label" '
+        f'data_param {{ source: "{db}" backend: LMDB batch_size: 3 }} }}\n'
+    )
+    net = caffe.Net(str(proto), caffe.TEST)
+    net.forward()
+    labels = net.blobs["label"].data.astype(int).tolist()
+    if labels != [0, 1, 2] or net.blobs["data"].data[2].max() != 2:
+        raise RuntimeError(f"Caffe's Data layer read back {labels} instead of [0, 1, 2]")
+    return len(labels)
