@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep Caffe's INFO logging off 
 import caffe  # noqa: E402
 from caffe.proto import caffe_pb2  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
 
 caffe.set_mode_cpu()
 
@@ -182,23 +184,35 @@ class CaffeNet:
     # -- gradients ------------------------------------------------------------------------
 
     def _backward_chunk(self, x: np.ndarray, features_fn) -> np.ndarray:
+        """One forward of the chunk, then one B_l per feature set: (K, n, C, H, W) pixel gradients."""
         h = self._forward_chunk(x)
-        omega = features_fn(h).reshape(self.net.blobs[self.score_blob].shape)
-        diff = self.net.backward_from(self.layer, omega)
-        return self.preprocessing.gradient_to_pixels(diff)
+        shape = self.net.blobs[self.score_blob].shape
+        return np.stack([
+            self.preprocessing.gradient_to_pixels(self.net.backward_from(self.layer, omega.reshape(shape)))
+            for omega in features_fn(h)
+        ])
 
-    def backward_from(self, pixels: np.ndarray, features_fn) -> np.ndarray:
-        """B_l: image-space gradient of <omega, h(x)> with omega = features_fn(h(x)).
+    def backward_from(self, pixels: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """B_l (Sec. 4.3): image-space gradient of <omega, h(x)> for features omega at the penultimate layer.
 
-        `features_fn` maps penultimate scores (n, n_classes) of a chunk to features of the same
-        shape (e.g. Eq. 7's omega_hc). Returns float64 (N, C, H, W) in pixel units.
+        `features` is (N, n_classes), one omega per image (e.g. Eq. 7's omega_hc), or (K, N, n_classes)
+        for K feature sets backpropagated after a single forward pass per chunk. Returns float64
+        pixel-unit gradients (N, C, H, W), or (K, N, C, H, W).
         """
         x = self._check(pixels)
-        out = np.empty(x.shape, dtype=np.float64)
+        omega = np.asarray(features, dtype=np.float32)
+        single = omega.ndim == 2
+        omega = omega[None] if single else omega
+        if omega.ndim != 3 or omega.shape[1:] != (len(x), self.num_classes):
+            raise ValueError(
+                f"features must have shape ({len(x)}, {self.num_classes}) or (K, {len(x)}, "
+                f"{self.num_classes}) for {len(x)} images, got {np.shape(features)}"
+            )
+        out = np.empty((len(omega),) + x.shape, dtype=np.float64)
         for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size
-            out[start:stop] = self._backward_chunk(x[start:stop], features_fn)
-        return out
+            out[:, start:stop] = self._backward_chunk(x[start:stop], lambda h: omega[:, start:stop])
+        return out[0] if single else out
 
     def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
@@ -219,7 +233,7 @@ class CaffeNet:
                 p[np.arange(len(yy)), yy] -= 1.0  # dJ/dh = softmax(h) - onehot(y)
                 return p
 
-            out[start:stop] = self._backward_chunk(x[start:stop], dloss_dlogits)
+            out[start:stop] = self._backward_chunk(x[start:stop], lambda h: [dloss_dlogits(h)])[0]
         return out
 
 
@@ -305,3 +319,133 @@ def check_lmdb_data_layer(directory: str | os.PathLike) -> int:
     if labels != [0, 1, 2] or net.blobs["data"].data[2].max() != 2:
         raise RuntimeError(f"Caffe's Data layer read back {labels} instead of [0, 1, 2]")
     return len(labels)
+
+
+# -- training prototxts (for hcgen.pipeline.train, which runs the `caffe train` CLI) ------------
+
+
+class TrainingPrototxts(NamedTuple):
+    """A solver and its train/test net rendered for one `caffe train` run (prototxt text)."""
+
+    solver: str
+    net: str
+    sources: dict  # {"TRAIN": lmdb, "TEST": lmdb}: the Data layer sources, absolute
+    max_iter: int
+
+
+def read_solver_parameter(prototxt: str | os.PathLike) -> caffe_pb2.SolverParameter:
+    path = Path(prototxt)
+    if not path.is_file():
+        raise FileNotFoundError(f"solver not found: {path}")
+    param = caffe_pb2.SolverParameter()
+    try:
+        text_format.Merge(path.read_text(), param)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path} is not a valid Caffe SolverParameter prototxt: {exc}") from exc
+    return param
+
+
+def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snapshot_prefix: str,
+                    random_seed: int, max_iter: int | None = None, snapshot: int | None = None,
+                    sources: Mapping[str, str | os.PathLike] | None = None) -> TrainingPrototxts:
+    """Render `solver` and the net it names for a run whose net file will be `net_copy`.
+
+    The solver's relative ``net`` is looked up beside the solver, then in the current directory. Sets
+    ``net``, ``snapshot_prefix``, ``random_seed``, ``snapshot_after_train: true``, binary snapshots,
+    and `max_iter` / `snapshot` when given. `sources` maps a phase ("TRAIN" / "TEST") to the LMDB its
+    Data layer reads; sources not replaced are made absolute relative to the current directory, as
+    Caffe resolves them.
+    """
+    param = read_solver_parameter(solver)
+    if not param.net or param.HasField("net_param") or param.train_net or param.test_net:
+        raise ValueError(f"{solver} must name its train/test net with a single 'net:' field "
+                         "(train_net, test_net and inline net_param are not supported)")
+    net_path = Path(param.net)
+    if not net_path.is_absolute():
+        candidates = [Path(solver).parent / net_path, Path.cwd() / net_path]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"net {param.net!r} named by {solver} not found "
+                                    f"(looked in {', '.join(str(p.parent) for p in candidates)})")
+        net_path = found[0]
+    elif not net_path.is_file():
+        raise FileNotFoundError(f"net {net_path} named by {solver} not found")
+    net = read_net_parameter(net_path)
+    wanted = {phase: Path(src).absolute() for phase, src in (sources or {}).items() if src is not None}
+    effective: dict[str, str] = {}
+    for layer in net.layer:
+        if layer.type != "Data":
+            continue
+        phases = {rule.phase for rule in layer.include if rule.HasField("phase")} or {caffe_pb2.TRAIN,
+                                                                                      caffe_pb2.TEST}
+        for phase in sorted(phases):
+            name = caffe_pb2.Phase.Name(phase)
+            if name in wanted:
+                layer.data_param.source = str(wanted[name])
+            elif not Path(layer.data_param.source).is_absolute():
+                layer.data_param.source = str(Path(layer.data_param.source).absolute())
+            effective[name] = layer.data_param.source
+    missing = sorted(set(wanted) - set(effective))
+    if missing:
+        raise ValueError(f"{net_path} has no {' or '.join(missing)}-phase Data layer to read "
+                         f"{', '.join(str(wanted[m]) for m in missing)} from")
+    param.net = str(Path(net_copy).absolute())
+    param.snapshot_prefix = snapshot_prefix
+    param.random_seed = random_seed
+    param.snapshot_after_train = True
+    param.snapshot_format = caffe_pb2.SolverParameter.BINARYPROTO
+    if max_iter is not None:
+        param.max_iter = max_iter
+    if snapshot is not None:
+        param.snapshot = snapshot
+    if param.max_iter <= 0:
+        raise ValueError(f"{solver} sets no max_iter; give the number of iterations")
+    return TrainingPrototxts(text_format.MessageToString(param), text_format.MessageToString(net),
+                             effective, param.max_iter)
+
+
+def solver_random_seed(prototxt: str | os.PathLike) -> int:
+    """The ``random_seed`` of a solver prototxt (-1 when unset: Caffe then seeds from the clock)."""
+    return int(read_solver_parameter(prototxt).random_seed)
+
+
+def solver_state_iteration(path: str | os.PathLike) -> int | None:
+    """The iteration a ``.solverstate`` was written at, or None if the file is unreadable (e.g. cut short)."""
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(Path(path).read_bytes())
+    except (OSError, DecodeError):
+        return None
+    return int(state.iter) if state.HasField("iter") and state.history else None
+
+
+def write_initial_snapshot(solver: str | os.PathLike, weights: str | os.PathLike) -> Path:
+    """Snapshot `weights` at iteration 0 (zero momentum) for ``caffe train --snapshot``; returns the .solverstate.
+
+    Fine-tuning: this Caffe's ``caffe train`` accepts ``--weights`` but never loads them (its
+    tools/caffe.cpp lacks BVLC's CopyLayers), so a run resumed from this snapshot starts from `weights`
+    instead. Layers are matched by name, as ``--weights`` does; a shape mismatch is an error.
+    """
+    base = caffe_pb2.NetParameter()
+    try:
+        base.ParseFromString(Path(weights).read_bytes())
+    except DecodeError as exc:
+        raise ValueError(f"{weights} is not a binary caffemodel: {exc}") from exc
+    if not base.layer:
+        raise ValueError(f"{weights} holds no layers (V1 'layers' caffemodels need upgrade_net_proto_binary)")
+    sgd = caffe.get_solver(str(solver))
+    shared = 0
+    for layer in base.layer:
+        if layer.name in sgd.net.params and layer.blobs:
+            ours = [tuple(b.data.shape) for b in sgd.net.params[layer.name]]
+            theirs = [tuple(b.shape.dim) for b in layer.blobs]
+            # legacy caffemodels give num/channels/height/width instead of a shape: Caffe checks those
+            if ours != theirs and all(b.HasField("shape") for b in layer.blobs):
+                raise ValueError(f"layer {layer.name!r}: {weights} has blob shapes {theirs}, the net {ours}")
+            shared += 1
+    if not shared:
+        raise ValueError(f"{weights} shares no layer names with the net of {solver}; nothing to fine-tune")
+    sgd.net.copy_from(str(weights))
+    sgd.snapshot()
+    param = read_solver_parameter(solver)
+    return Path(f"{param.snapshot_prefix}_iter_0.solverstate")
