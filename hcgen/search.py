@@ -25,12 +25,22 @@ Conventions
   is a failure (``NOT_ADVERSARIAL``), as are directions that move no pixel (``NULL_DIRECTION``) and
   images whose clean prediction is not y (``MISCLASSIFIED``). Failures are reported, never dropped.
 
-Algorithm: per search, arrays hold the bracket ``lo`` (not adversarial) / ``hi`` (adversarial), their
-margins and a status. A line search with increasing steps extrapolates the margin linearly (with
-overshoot, growth clamped to [1.25, growth**2]) until the crossing is bracketed; then Illinois regula
-falsi on the margin, with bisection as a safeguard, proposes a target inside the bracket, and the
-integer image containing it is evaluated together with its immediate predecessor, so a good prediction
-ends the search in one round. Every round sends all active searches' candidates to one ``scores_fn`` call.
+Algorithm (all searches in lockstep; per-search state in arrays, one ``scores_fn`` call per round with
+one candidate image per active search): the bracket is ``lo`` (left end of the last image known not to
+be adversarial; 0 = the clean image) and ``hi`` (left end of the first image known to be adversarial).
+The line search starts at ``step0`` and extrapolates the margin linearly through the last two
+non-adversarial points (aiming 10% past the predicted crossing, growth clamped to
+[1.25, ``growth``**2], ``growth`` when the margin does not fall) until a candidate is adversarial or the
+saturated image is reached. Inside the bracket the crossing is predicted in
+``u = sum |eta| * |integer perturbation|`` rather than in eps, because the margin follows the integer
+staircase in u (each pixel step moves u by that pixel's |eta|): inverse quadratic interpolation through
+lo, hi and the last point to leave the bracket, else Illinois regula falsi, and bisection in eps after
+two rounds that did not halve the bracket. The predicted u is mapped back to eps by regula falsi on the
+monotone function u(eps), and the integer image containing that eps is evaluated. The search ends when
+no image lies between lo and hi. Forwards per search: ~3.4 for sign directions, ~6 for FGV/HC-D
+(LeNet/MNIST, step0 16), against ~16 for doubling from 1 plus bisection (benchmarks/bench_search_core.py).
+
+Memory: about 11 bytes per pixel per (image, direction) pair; split very large batches.
 """
 from __future__ import annotations
 
@@ -45,11 +55,10 @@ ScoresFn = Callable[[np.ndarray], np.ndarray]
 __all__ = ["Status", "SearchResult", "HardPositives", "perturb", "adversarial_search",
            "scale_perturbation", "hard_positives"]
 
-_OVERSHOOT = 1.2  # line search aims this far beyond the extrapolated crossing, to bracket it
-_MIN_GROWTH = 1.25
-_IQI = True
-_PAIR = True
-_ENDGAME = 256  # enumerate the images of a bracket holding at most this many pixel-level changes
+_OVERSHOOT = 1.1  # line search aims this far beyond the extrapolated crossing, to bracket it
+_MIN_GROWTH = 1.25  # ... but grows the step at least this much (and at most growth**2)
+_BLOCK = 1 << 16  # pixels per block of rays in _Rays.probe/invert (float64 temporaries stay in cache)
+_INVERT = 6  # regula falsi steps from a target u back to eps
 _MAX_NUDGE = 64  # float breakpoints are found within a few ulps; this bound is never reached
 
 
@@ -123,7 +132,8 @@ def _check_images(x: np.ndarray) -> np.ndarray:
 
 def _check_eta(eta: np.ndarray, x: np.ndarray) -> np.ndarray:
     eta = np.asarray(eta)
-    if eta.shape != x.shape and not (eta.ndim == 5 and eta.shape[0] == len(x) and eta.shape[2:] == x.shape[1:]):
+    per_image = eta.ndim == 5 and eta.shape[0] == len(x) and eta.shape[2:] == x.shape[1:]
+    if eta.shape != x.shape and not per_image:
         raise ValueError(f"eta must have shape {x.shape} (one direction per image) or "
                          f"({len(x)}, D, {', '.join(map(str, x.shape[1:]))}) (D per image), got {eta.shape}")
     if not np.issubdtype(eta.dtype, np.number) or np.issubdtype(eta.dtype, np.complexfloating):
@@ -170,13 +180,12 @@ def _margin(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- integer images on a ray
 
-def _headroom(x: np.ndarray, eta: np.ndarray) -> np.ndarray:
-    return np.where(eta > 0, 255.0 - x, np.where(eta < 0, x, 0.0))
-
-
 def _levels(eps: np.ndarray, a: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """|integer perturbation| per pixel: the rounding rule of the module docstring."""
-    return np.minimum(np.floor(eps * a + 0.5), head)
+    """|integer perturbation| per pixel: min(floor(eps * |eta| + 0.5), headroom), the module's rule."""
+    out = eps * a
+    out += 0.5
+    np.floor(out, out=out)
+    return np.minimum(out, head, out=out)
 
 
 def _exact_break(a: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -196,89 +205,112 @@ def _exact_break(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     return b
 
 
-def _extreme_break(a: np.ndarray, inv_a: np.ndarray, t: np.ndarray, unusable: Optional[np.ndarray],
-                   uniform: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the max (or min) over usable pixels of _exact_break(a, t); -inf (or inf) if none.
+def _extreme_break(a: np.ndarray, levels: np.ndarray, step: int, unusable: Optional[np.ndarray],
+                   uniform: np.ndarray) -> np.ndarray:
+    """Per row, over usable pixels, the largest _exact_break(a, levels) (step 0: where the current
+    levels began) or the smallest _exact_break(a, levels + 1) (step 1: the next change); -inf or inf if none.
 
-    Also returns the argmax (argmin) column. The approximate breakpoints (t - 0.5) / a are within a few
-    ulps of the exact ones, so only pixels within a relative 1e-12 of the approximate extreme can hold
-    the exact extreme: usually one per row. In ``uniform`` rows (one |eta| for all moving pixels, e.g.
-    sign directions) the pixels near the extreme share (a, t), hence the exact breakpoint.
+    The approximate breakpoints (t - 0.5) / a are within a few ulps of the exact ones, so only pixels
+    within a relative 1e-12 of the approximate extreme can hold the exact extreme: usually one per row.
+    In ``uniform`` rows (one |eta| for all moving pixels, e.g. sign directions) the pixels near the
+    extreme share (a, t), hence the exact breakpoint.
     """
+    largest = step == 0
     fill = -np.inf if largest else np.inf
-    approx = (t - 0.5) * inv_a
+    out = np.full(len(levels), fill)
+    if levels.shape[1] == 0:
+        return out
+    approx = levels + (step - 0.5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        approx /= a  # a == 0 only where levels = 0 (-inf) or unusable
     if unusable is not None:
         np.putmask(approx, unusable, fill)
     rows = np.arange(len(approx))
-    if approx.shape[1] == 0:
-        return np.full(len(approx), fill), np.zeros(len(approx), dtype=np.int64)
     k = approx.argmax(axis=1) if largest else approx.argmin(axis=1)
     ext = approx[rows, k]
     some = np.isfinite(ext)
-    out = np.full(len(approx), fill)
-    out[some] = _exact_break(a[rows[some], k[some]], t[rows[some], k[some]])
-    tol = (np.abs(ext) * 1e-12)[:, None]
-    near = (approx >= ext[:, None] - tol) if largest else (approx <= ext[:, None] + tol)
-    multi = np.flatnonzero(some & ~uniform & (near.sum(axis=1) > 1))
+    out[some] = _exact_break(a[rows[some], k[some]], levels[rows[some], k[some]] + step)
+    tol = np.abs(ext) * 1e-12
+    approx[rows, k] = fill  # runner-up
+    if largest:
+        multi = np.flatnonzero(some & ~uniform & (approx.max(axis=1) >= ext - tol))
+    else:
+        multi = np.flatnonzero(some & ~uniform & (approx.min(axis=1) <= ext + tol))
     if len(multi):
-        r, col = np.nonzero(near[multi])
+        approx[multi, k[multi]] = ext[multi]
+        sub, lim = approx[multi], (ext - tol if largest else ext + tol)[multi, None]
+        r, col = np.nonzero(sub >= lim if largest else sub <= lim)
         exact = np.full((len(multi), approx.shape[1]), fill)
-        exact[r, col] = _exact_break(a[multi[r], col], t[multi[r], col])
-        k[multi] = exact.argmax(axis=1) if largest else exact.argmin(axis=1)
-        out[multi] = exact[np.arange(len(multi)), k[multi]]
-    return out, k
+        exact[r, col] = _exact_break(a[multi[r], col], levels[multi[r], col] + step)
+        out[multi] = exact.max(axis=1) if largest else exact.min(axis=1)
+    return out
+
+
+@dataclass
+class _Probe:
+    """Integer images at given eps on some rays: left end of each image's eps interval (``start``) and
+    of the next image (``next``); optionally the images (uint8) and u = sum |eta| * levels."""
+
+    start: np.ndarray
+    next: np.ndarray
+    images: Optional[np.ndarray] = None
+    u: Optional[np.ndarray] = None
 
 
 class _Rays:
-    """The S rays x_i + eps * eta_s: pixel magnitudes, signs and headroom as (S, P) arrays.
+    """The S rays x_i + eps * eta_s as (S, P) arrays: |eta| (float64), headroom, clean pixels, signs.
 
-    ``take(idx)`` gathers the rows of a round once; the methods then work on those (M, P) arrays.
+    Probes work through the requested rays in blocks of about _BLOCK pixels, so that the float64
+    temporaries stay in cache.
     """
 
     def __init__(self, x: np.ndarray, eta: np.ndarray, img: np.ndarray):
         eta = eta.reshape(len(img), -1)
-        self.x0 = x.reshape(len(x), -1)[img]
+        self.x0 = x.reshape(len(x), -1).astype(np.uint8)[img]
         self.a = np.abs(eta)
-        with np.errstate(divide="ignore"):
-            self.inv_a = 1.0 / self.a
-        self.sgn = np.sign(eta)
-        head = _headroom(self.x0, eta)
-        with np.errstate(invalid="ignore"):
-            head[~np.isfinite((head - 0.5) * self.inv_a)] = 0.0  # never moves at a finite eps (eta 0 or tiny)
-        self.head = head
+        self.sgn = np.sign(eta).astype(np.int8)
+        self.head = np.where(eta > 0, 255 - self.x0, self.x0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # pixels that never move at a finite eps: eta == 0 (or so tiny that 1/|eta| overflows)
+            self.head[~np.isfinite((self.head - 0.5) / self.a)] = 0
         peak = self.a.max(axis=1, initial=0.0)
         self.uniform = ((self.a == peak[:, None]) | (self.a == 0)).all(axis=1)
+        self.block = max(1, _BLOCK // max(1, self.a.shape[1]))
 
-    def take(self, idx: np.ndarray) -> "_Rays":
-        sub = object.__new__(_Rays)
-        sub.x0, sub.a, sub.inv_a, sub.sgn, sub.head, sub.uniform = (
-            self.x0[idx], self.a[idx], self.inv_a[idx], self.sgn[idx], self.head[idx], self.uniform[idx])
-        return sub
+    def probe(self, idx: np.ndarray, eps: Optional[np.ndarray], full: bool = True) -> _Probe:
+        """Images at ``eps`` (None: the saturated images) on rays ``idx``."""
+        n, P = len(idx), self.a.shape[1]
+        out = _Probe(start=np.empty(n), next=np.empty(n))
+        if full:
+            out.images, out.u = np.empty((n, P), np.uint8), np.empty(n)
+        for b in range(0, n, self.block):
+            rows, sl = idx[b:b + self.block], slice(b, b + self.block)
+            a, head, uniform = self.a[rows], self.head[rows], self.uniform[rows]
+            lev = head.astype(np.float64) if eps is None else _levels(eps[sl, None], a, head)
+            out.start[sl] = np.maximum(_extreme_break(a, lev, 0, None, uniform), 0.0)
+            out.next[sl] = _extreme_break(a, lev, 1, lev >= head, uniform)
+            if full:
+                out.images[sl] = self.x0[rows] + self.sgn[rows] * lev
+                out.u[sl] = np.einsum("ij,ij->i", lev, a)
+        return out
 
-    def levels(self, eps: np.ndarray) -> np.ndarray:
-        return _levels(eps[:, None], self.a, self.head)
-
-    def images(self, levels: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
-        if rows is None:
-            return (self.x0 + self.sgn * levels).astype(np.uint8)
-        return (self.x0[rows] + self.sgn[rows] * levels).astype(np.uint8)
-
-    def left_end(self, levels: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
-        """Smallest eps giving the same integer image (0.0 for the clean image)."""
-        if rows is None:
-            a, inv_a, uniform = self.a, self.inv_a, self.uniform
-        else:
-            a, inv_a, uniform = self.a[rows], self.inv_a[rows], self.uniform[rows]
-        ends, _ = _extreme_break(a, inv_a, levels, None, uniform, largest=True)
-        return np.maximum(ends, 0.0)
-
-    def next_break(self, levels: np.ndarray) -> np.ndarray:
-        """Left end of the next distinct integer image (inf if saturated)."""
-        return _extreme_break(self.a, self.inv_a, levels + 1, levels >= self.head, self.uniform, largest=False)[0]
-
-    def previous_levels(self, levels: np.ndarray, c: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Levels of the image just before left end c (rows of ``levels``/``c`` given by ``rows``)."""
-        return _levels(np.nextafter(c[rows], -np.inf)[:, None], self.a[rows], self.head[rows])
+    def invert(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray, u_lo: np.ndarray, u_hi: np.ndarray,
+               u_star: np.ndarray) -> np.ndarray:
+        """An eps in (lo, hi) where u(eps) = sum |eta| * levels(eps) is about u_star (u_lo < u_star < u_hi):
+        _INVERT regula falsi steps on the monotone staircase u."""
+        out = np.empty(len(idx))
+        for b in range(0, len(idx), self.block):
+            rows, sl = idx[b:b + self.block], slice(b, b + self.block)
+            a, head = self.a[rows], self.head[rows]
+            el, eh, ul, uh, us = lo[sl], hi[sl], u_lo[sl], u_hi[sl], u_star[sl]
+            for _ in range(_INVERT):
+                e = el + (eh - el) * ((us - ul) / (uh - ul))
+                u = np.einsum("ij,ij->i", _levels(e[:, None], a, head), a)
+                below = u < us
+                el, ul = np.where(below, e, el), np.where(below, u, ul)
+                eh, uh = np.where(below, eh, e), np.where(below, uh, u)
+            out[sl] = e
+        return out
 
 
 def perturb(x: np.ndarray, eta: np.ndarray, eps: np.ndarray) -> np.ndarray:
@@ -297,7 +329,7 @@ def perturb(x: np.ndarray, eta: np.ndarray, eps: np.ndarray) -> np.ndarray:
         raise ValueError("eps must be finite and >= 0 (failed searches have eps = NaN; select "
                          "result.success first)")
     xb = xf[:, None] if eta.ndim == 5 else xf
-    levels = _levels(eps[..., None, None, None], np.abs(eta), _headroom(xb, eta))
+    levels = _levels(eps[..., None, None, None], np.abs(eta), np.where(eta > 0, 255 - xb, xb))
     return (xb + np.sign(eta) * levels).astype(np.uint8)
 
 
@@ -310,25 +342,33 @@ def adversarial_search(
     labels: np.ndarray,
     *,
     clean_scores: Optional[np.ndarray] = None,
-    step0: float = 16.0,
-    growth: float = 2.0,
+    step0: float | np.ndarray = 16.0,
+    growth: float = 3.0,
 ) -> SearchResult:
     """Find, for every (image, direction), the minimal adversarial integer image along the ray.
 
-    ``scores_fn(batch)`` takes uint8 images (M, C, H, W) and returns class scores (M, n) (logits
-    preferred: the margin is extrapolated linearly). It is called once per round with the candidates of
-    all active searches. ``step0`` is the first step (in grey levels of the most-moved pixel, see
-    :mod:`hcgen.directions`); without a usable margin trend the step grows by ``growth`` per round.
-    ``clean_scores`` (N, n) are the scores of ``x``; if omitted they cost one extra call.
-    See the module docstring for the rounding rule, the meaning of "minimal" and the failure statuses.
+    ``scores_fn(batch)`` takes uint8 images (M, C, H, W) and returns class scores (M, n), preferably
+    logits (the margin is interpolated; probabilities work but saturate). Scores, not just labels: the
+    margin is what predicts the crossing. It is called once per round with one candidate per active
+    search. ``step0`` is the first step in grey levels of the most-moved pixel (directions normalised to
+    max |eta| = 1), a scalar or one per direction (e.g. a typical eps of the method); ``growth`` is the
+    step factor when the margin gives no trend. ``clean_scores`` (N, n) are the scores of ``x``; if
+    omitted they cost one extra call (``clean_forwards``). See the module docstring for the rounding
+    rule, the meaning of "minimal" and the failure statuses.
     """
     if not callable(scores_fn):
         raise ValueError("scores_fn must be a callable batch (M, C, H, W) -> scores (M, n_classes)")
     xf = _check_images(x)
     eta = _check_eta(eta, xf)
     y_img = _check_labels(labels, len(xf))
-    if not (np.isfinite(step0) and step0 > 0):
-        raise ValueError(f"step0 must be a positive number of grey levels, got {step0!r}")
+    step0 = np.asarray(step0, dtype=np.float64)
+    if not (np.isfinite(step0).all() and (step0 > 0).all()):
+        raise ValueError(f"step0 must be a positive number of grey levels, got {step0.tolist()!r}")
+    try:
+        step0 = np.broadcast_to(step0, eta.shape[:-3]).ravel()
+    except ValueError:
+        raise ValueError(f"step0 must be a scalar or broadcast to the directions' shape {eta.shape[:-3]}, "
+                         f"got shape {step0.shape}") from None
     if not (np.isfinite(growth) and growth > 1):
         raise ValueError(f"growth must be > 1, got {growth!r}")
 
@@ -338,76 +378,51 @@ def adversarial_search(
         clean_forwards = len(xf)
     else:
         clean_scores = np.asarray(clean_scores, dtype=np.float64)
-        if clean_scores.shape[:1] != (len(xf),) or clean_scores.ndim != 2 or not np.isfinite(clean_scores).all():
+        if clean_scores.ndim != 2 or len(clean_scores) != len(xf) or not np.isfinite(clean_scores).all():
             raise ValueError(f"clean_scores must be finite scores of shape ({len(xf)}, n_classes) for "
                              f"the {len(xf)} images, got shape {clean_scores.shape}")
     n_classes = clean_scores.shape[1]
     if y_img.size and y_img.max() >= n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes - 1}] for {n_classes} classes, got {y_img.max()}")
+        raise ValueError(f"labels must lie in [0, {n_classes - 1}] for {n_classes} classes, "
+                         f"got {y_img.max()}")
 
     shape = eta.shape[:-3]
     n_dir = 1 if eta.ndim == 4 else eta.shape[1]
     img = np.repeat(np.arange(len(xf)), n_dir)
     rays = _Rays(xf, eta, img)
-    engine = _Engine(rays, y_img[img], scores_fn, n_classes, xf.shape[1:], float(step0), float(growth))
+    engine = _Engine(rays, y_img[img], scores_fn, n_classes, xf.shape[1:], step0, float(growth))
     pred0, m0 = _margin(clean_scores, y_img)
     engine.run(pred0[img], m0[img])
 
-    s = engine
-    ok = s.status == Status.FOUND
-    hi = np.where(ok, s.hi, 0.0)
-    x_adv = rays.images(rays.levels(hi))
+    ok = engine.status == Status.FOUND
+    x_adv = rays.probe(np.arange(len(img)), np.where(ok, engine.hi, 0.0)).images
     return SearchResult(
-        eps=np.where(ok, s.hi, np.nan).reshape(shape),
-        eps_prev=np.where(ok, s.lo, np.nan).reshape(shape),
+        eps=np.where(ok, engine.hi, np.nan).reshape(shape),
+        eps_prev=np.where(ok, engine.lo, np.nan).reshape(shape),
         x_adv=x_adv.reshape(eta.shape),
-        label=s.pred_hi.reshape(shape),
+        label=engine.pred_hi.reshape(shape),
         success=ok.reshape(shape),
-        status=s.status.astype(np.int8).reshape(shape),
-        forwards=s.forwards.reshape(shape),
-        rounds=s.rounds,
+        status=engine.status.astype(np.int8).reshape(shape),
+        forwards=engine.forwards.reshape(shape),
+        rounds=engine.rounds,
         clean_forwards=clean_forwards,
     )
 
 
 def _inverse_quadratic(p: tuple, m: tuple) -> np.ndarray:
-    """Position where the parabola eps(m) through three (position, margin) points has m = 0."""
+    """Where the parabola p(m) through three (p, margin) points reaches m = 0 (NaN/inf if degenerate)."""
     (p0, p1, p2), (m0, m1, m2) = p, m
     return (p0 * m1 * m2 / ((m0 - m1) * (m0 - m2)) + p1 * m0 * m2 / ((m1 - m0) * (m1 - m2))
             + p2 * m0 * m1 / ((m2 - m0) * (m2 - m1)))
 
 
-def _endgame_targets(a: np.ndarray, inv_a: np.ndarray, lev_lo: np.ndarray, lev_hi: np.ndarray,
-                     u_lo: np.ndarray, u_star: np.ndarray) -> np.ndarray:
-    """For small brackets: list every pixel-level change between lo and hi, in order along the ray, and
-    return an eps inside the first image whose u = sum |eta| * level reaches u_star (clamped to the
-    images strictly between lo and hi). Rows: searches; (a, inv_a, levels) are their (M, P) arrays."""
-    diff = lev_hi.astype(np.int64) - lev_lo
-    r, col = np.nonzero(diff)
-    d = diff[r, col]
-    start = np.cumsum(d) - d
-    r, col = np.repeat(r, d), np.repeat(col, d)
-    t = lev_lo[r, col] + 1 + (np.arange(len(r)) - np.repeat(start, d))
-    breaks = (t - 0.5) * inv_a[r, col]
-    order = np.lexsort((breaks, r))
-    r, breaks, du = r[order], breaks[order], a[r[order], col[order]]
-    first = np.searchsorted(r, np.arange(len(a)))
-    count = np.diff(np.append(first, len(r)))  # level changes per row (>= 2)
-    cum = np.cumsum(du)
-    u = u_lo[r] + cum - (cum - du)[first][r]  # u of the image starting at each break
-    # images 1..count along the bracket (count = hi); the first with u >= u_star is image j + 1
-    j = np.bincount(r, weights=u < u_star[r], minlength=len(a)).astype(np.int64)
-    j = first + np.clip(j, 0, count - 2)  # keep image j + 1 strictly between lo and hi
-    return 0.5 * (breaks[j] + breaks[j + 1])
-
-
 class _Engine:
-    """Per-search state in arrays; one batched scores_fn call per round."""
+    """Per-search state in arrays; one candidate per active search and one scores_fn call per round."""
 
     RUNNING = -1
 
     def __init__(self, rays: _Rays, y: np.ndarray, scores_fn: ScoresFn, n_classes: int,
-                 image_shape: tuple, step0: float, growth: float):
+                 image_shape: tuple, step0: np.ndarray, growth: float):
         S = len(y)
         self.rays, self.y, self.scores_fn, self.n_classes = rays, y, scores_fn, n_classes
         self.image_shape, self.step0, self.growth = image_shape, step0, growth
@@ -415,25 +430,24 @@ class _Engine:
         # bracket: lo = left end of a non-adversarial image, hi = of an adversarial one (inf: none yet)
         self.lo, self.hi = np.zeros(S), np.full(S, np.inf)
         self.lo_next = np.zeros(S)  # left end of the image after lo; done when it reaches hi
-        # margins at the image-interval midpoints pos_*; "old" is the last point to leave the bracket
-        self.pos_lo, self.pos_hi, self.pos_old = np.zeros(S), np.full(S, np.inf), np.full(S, np.nan)
+        # margins; "old" is the last point to leave the bracket. In the line search the margin is
+        # extrapolated over pos = the midpoint of an image's eps interval (pos_old: the previous lo).
         self.m_lo, self.m_hi, self.m_old = np.zeros(S), np.zeros(S), np.full(S, np.nan)
+        self.pos_lo, self.pos_old = np.zeros(S), np.full(S, np.nan)
         self.w_lo, self.w_hi = np.ones(S), np.ones(S)  # Illinois weights of the margins
-        # integer perturbation levels of lo and hi, their sums, and u = sum |eta| * level
-        self.lev_lo, self.lev_hi = np.zeros(rays.a.shape, np.uint8), np.zeros(rays.a.shape, np.uint8)
-        self.k_lo, self.k_hi = np.zeros(S), np.zeros(S)
-        self.u_lo, self.u_hi = np.zeros(S), np.zeros(S)
+        # u = sum |eta| * |integer perturbation|: the margin is closer to linear in u than in eps
+        self.u_lo, self.u_hi, self.u_old = np.zeros(S), np.zeros(S), np.full(S, np.nan)
         self.side = np.zeros(S, dtype=np.int8)  # end replaced last round: -1 lo, +1 hi
         self.slow = np.zeros(S, dtype=np.int8)  # bracket rounds in a row that shrank it by < 1/2
         self.pred_hi = np.zeros(S, dtype=np.int64)
         self.forwards = np.zeros(S, dtype=np.int64)
         self.rounds = 0
-        self.sat = rays.left_end(rays.head)  # left end of the saturated image
+        self.sat = rays.probe(np.arange(S), None, full=False).start  # left end of the saturated image
 
     def run(self, pred0: np.ndarray, m0: np.ndarray) -> None:
         self.pred_hi[:] = pred0
         self.m_lo[:] = m0
-        self.lo_next[:] = self.rays.next_break(np.zeros_like(self.rays.a))
+        self.lo_next[:] = self.rays.probe(np.arange(len(self.y)), np.zeros(len(self.y)), full=False).next
         self.status[pred0 != self.y] = Status.MISCLASSIFIED
         self.status[(self.status == self.RUNNING) & ~np.isfinite(self.lo_next)] = Status.NULL_DIRECTION
         while True:
@@ -442,126 +456,66 @@ class _Engine:
                 return
             self._round(idx)
 
-    def _estimates(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Line search aim (hi unknown) or estimated crossing inside the bracket; and bisection flags."""
-        lo, hi, pos_lo, pos_hi, pos_old = self.lo[idx], self.hi[idx], self.pos_lo[idx], self.pos_hi[idx], self.pos_old[idx]
+    def _targets(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where to look next (any eps inside the wanted image), and which searches bisect."""
+        lo, hi, pos_lo, pos_old = self.lo[idx], self.hi[idx], self.pos_lo[idx], self.pos_old[idx]
         m_lo, m_hi, m_old = self.m_lo[idx], self.m_hi[idx], self.m_old[idx]
+        line = ~np.isfinite(hi)
+        target = np.empty(len(idx))
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             # line search: extrapolate the last two non-adversarial margins to the crossing, overshoot
             slope = (m_lo - m_old) / (pos_lo - pos_old)
             aim = pos_lo + _OVERSHOOT * m_lo / -slope
             aim = np.where((slope < 0) & np.isfinite(aim), aim, pos_lo * self.growth)
             aim = np.clip(aim, pos_lo * _MIN_GROWTH, pos_lo * self.growth ** 2)
-            aim = np.minimum(np.where(lo == 0, self.step0, aim), self.sat[idx])
-            # bracket: inverse quadratic interpolation through lo, hi and the old point if it lands
-            # inside, else Illinois regula falsi; bisection after two rounds that shrank it by < 1/2
-            iqi = _inverse_quadratic((pos_lo, pos_hi, pos_old), (m_lo, m_hi, m_old))
+            target[line] = np.minimum(np.where(lo == 0, self.step0[idx], aim), self.sat[idx])[line]
+            # bracket: where the margin crosses 0 as a function of u, by inverse quadratic interpolation
+            # through lo, hi and the old point if that lands inside, else by Illinois regula falsi
+            u_lo, u_hi = self.u_lo[idx], self.u_hi[idx]
+            iqi = _inverse_quadratic((u_lo, u_hi, self.u_old[idx]), (m_lo, m_hi, m_old))
             wl, wh = m_lo * self.w_lo[idx], m_hi * self.w_hi[idx]
-            rf = pos_lo + (pos_hi - pos_lo) * (wl / (wl - wh))
-            est = np.where(_IQI & (iqi > pos_lo) & (iqi < pos_hi), iqi, rf)
-            bisect = ~(np.isfinite(est) & (self.slow[idx] < 2))
-            est = np.where(bisect, 0.5 * (lo + hi), est)
-        line = ~np.isfinite(hi)
-        return np.where(line, aim, est), bisect & ~line
+            rf = u_lo + (u_hi - u_lo) * (wl / (wl - wh))
+            u_star = np.where((iqi > u_lo) & (iqi < u_hi), iqi, rf)
+        # safeguard: bisection after two rounds that shrank the bracket by less than half each
+        bisect = ~line & ~((u_star > u_lo) & (u_star < u_hi) & (self.slow[idx] < 2))
+        target[bisect] = 0.5 * (lo + hi)[bisect]
+        b = np.flatnonzero(~line & ~bisect)
+        target[b] = self.rays.invert(idx[b], lo[b], hi[b], u_lo[b], u_hi[b], u_star[b])
+        return target, bisect
 
     def _round(self, idx: np.ndarray) -> None:
-        """Evaluate per search an upper candidate image B and, in a bracket, a lower one A < B."""
-        n, sub = len(idx), self.rays.take(idx)
-        lo, lo_next, hi = self.lo[idx], self.lo_next[idx], self.hi[idx]
+        lo, hi = self.lo[idx], self.hi[idx]
         line = ~np.isfinite(hi)
-        est, bisected = self._estimates(idx)
-        target_b, target_a = est.copy(), np.full(n, np.nan)  # NaN: A is the image just before B
-        # large brackets: straddle the estimate with a window of about _ENDGAME level changes
-        level_span = self.k_hi[idx] - self.k_lo[idx]
-        mid = ~line & ~sub.uniform & ~bisected & (level_span > _ENDGAME)
-        half = 0.5 * _ENDGAME / level_span[mid] * (hi[mid] - lo[mid])
-        target_a[mid], target_b[mid] = est[mid] - half, est[mid] + half
-        # small brackets: interpolate the margin in u, which follows its staircase, over listed images
-        e = np.flatnonzero(~line & ~sub.uniform & (level_span <= _ENDGAME))
-        if len(e):
-            rows = idx[e]
-            wl, wh = self.m_lo[rows] * self.w_lo[rows], self.m_hi[rows] * self.w_hi[rows]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                frac = np.where(wl > wh, wl / (wl - wh), 0.5)
-            u_star = self.u_lo[rows] + (self.u_hi[rows] - self.u_lo[rows]) * frac
-            target_b[e] = _endgame_targets(sub.a[e], sub.inv_a[e], self.lev_lo[rows], self.lev_hi[rows],
-                                           self.u_lo[rows], u_star)
-            bisected[e] = False
-        # B strictly inside the bracket: at or above the image after lo, below hi
-        target_b = np.maximum(np.minimum(target_b, np.nextafter(hi, -np.inf)), lo_next)
-        lev_b = sub.levels(target_b)
-        b = sub.left_end(lev_b)
-        b_next = sub.next_break(lev_b)
-        # A: only in a bracket, and only if some image lies between lo and B
-        has_a = ~line & (b > lo_next)
-        ar = np.flatnonzero(has_a)
-        own = ~np.isnan(target_a[ar])
-        lev_a = sub.previous_levels(lev_b, b, ar)
-        if own.any():
-            o = ar[own]
-            t_a = np.maximum(np.minimum(target_a[o], np.nextafter(b[o], -np.inf)), lo_next[o])
-            lev_a[own] = _levels(t_a[:, None], sub.a[o], sub.head[o])
-        a = lo.copy()
-        a[ar] = sub.left_end(lev_a, ar)
-        a_next = b.copy()
-        if own.any():
-            a_next[ar[own]] = _extreme_break(sub.a[ar[own]], sub.inv_a[ar[own]], lev_a[own] + 1,
-                                             lev_a[own] >= sub.head[ar[own]], sub.uniform[ar[own]],
-                                             largest=False)[0]
-
-        images = np.concatenate([sub.images(lev_b), sub.images(lev_a, ar)])
-        scores = _scores(self.scores_fn, images.reshape((len(images),) + self.image_shape), self.n_classes)
+        target, bisected = self._targets(idx)
+        # evaluate an image strictly inside the bracket: at or after the image after lo, before hi
+        target = np.maximum(np.minimum(target, np.nextafter(hi, -np.inf)), self.lo_next[idx])
+        probe = self.rays.probe(idx, target)
+        c, c_next, u = probe.start, probe.next, probe.u
+        scores = _scores(self.scores_fn, probe.images.reshape((len(idx),) + self.image_shape), self.n_classes)
         self.rounds += 1
-        self.forwards[idx] += 1 + has_a
-        pred, margin = _margin(scores, np.concatenate([self.y[idx], self.y[idx[ar]]]))
-        adv_b, m_b, pred_b = pred[:n] != self.y[idx], margin[:n], pred[:n]
-        adv_a, m_a, pred_a = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64)
-        adv_a[ar], m_a[ar], pred_a[ar] = pred[n:] != self.y[idx[ar]], margin[n:], pred[n:]
-        u_b, u_a = np.einsum("ij,ij->i", lev_b, sub.a), np.zeros(n)
-        u_a[ar] = np.einsum("ij,ij->i", lev_a, sub.a[ar])
-        k_b, k_a = lev_b.sum(axis=1), np.zeros(n)
-        k_a[ar] = lev_a.sum(axis=1)
-        in_ar = np.cumsum(has_a) - 1  # row of lev_a for each search with an A
-        pos_a = 0.5 * (a + a_next)
-        pos_b = np.where(np.isfinite(b_next), 0.5 * (b + b_next), b)
-        width_before = hi - lo
+        self.forwards[idx] += 1
+        pred, m = _margin(scores, self.y[idx])
+        adv = pred != self.y[idx]
+        pos = np.where(np.isfinite(c_next), 0.5 * (c + c_next), c)  # for FGS: the step in grey levels
 
-        # hi <- A if A is adversarial (the lower crossing), else B if B is
-        new_hi = adv_a | adv_b
-        # lo <- B if neither is adversarial, A if only B is
-        new_lo = ~adv_a & (has_a | ~adv_b)
-        j = idx[new_hi & ~line]
-        self.pos_old[j], self.m_old[j] = self.pos_hi[j], self.m_hi[j]
-        j = idx[new_lo]
-        self.pos_old[j], self.m_old[j] = self.pos_lo[j], self.m_lo[j]
-        j, sel = idx[new_hi], adv_a[new_hi]
-        self.hi[j] = np.where(sel, a[new_hi], b[new_hi])
-        self.pos_hi[j] = np.where(sel, pos_a[new_hi], pos_b[new_hi])
-        self.m_hi[j] = np.where(sel, m_a[new_hi], m_b[new_hi])
-        self.pred_hi[j] = np.where(sel, pred_a[new_hi], pred_b[new_hi])
-        self.u_hi[j] = np.where(sel, u_a[new_hi], u_b[new_hi])
-        self.k_hi[j] = np.where(sel, k_a[new_hi], k_b[new_hi])
-        self.w_hi[j] = 1.0
-        self.lev_hi[idx[new_hi & ~adv_a]] = lev_b[new_hi & ~adv_a]
-        self.lev_hi[idx[adv_a]] = lev_a[in_ar[adv_a]]
-        j, sel = idx[new_lo], adv_b[new_lo]
-        self.lo[j] = np.where(sel, a[new_lo], b[new_lo])
-        self.lo_next[j] = np.where(sel, a_next[new_lo], b_next[new_lo])
-        self.pos_lo[j] = np.where(sel, pos_a[new_lo], pos_b[new_lo])
-        self.m_lo[j] = np.where(sel, m_a[new_lo], m_b[new_lo])
-        self.u_lo[j] = np.where(sel, u_a[new_lo], u_b[new_lo])
-        self.k_lo[j] = np.where(sel, k_a[new_lo], k_b[new_lo])
-        self.w_lo[j] = 1.0
-        self.lev_lo[idx[new_lo & ~adv_b]] = lev_b[new_lo & ~adv_b]
-        self.lev_lo[idx[new_lo & adv_b]] = lev_a[in_ar[new_lo & adv_b]]
+        j = idx[adv & ~line]  # the replaced end becomes the old point
+        self.m_old[j], self.u_old[j] = self.m_hi[j], self.u_hi[j]
+        j = idx[~adv]
+        self.pos_old[j], self.m_old[j], self.u_old[j] = self.pos_lo[j], self.m_lo[j], self.u_lo[j]
+        j = idx[adv]
+        self.hi[j], self.m_hi[j], self.u_hi[j], self.w_hi[j] = c[adv], m[adv], u[adv], 1.0
+        self.pred_hi[j] = pred[adv]
+        j = idx[~adv]
+        self.lo[j], self.lo_next[j], self.pos_lo[j], self.m_lo[j], self.u_lo[j], self.w_lo[j] = (
+            c[~adv], c_next[~adv], pos[~adv], m[~adv], u[~adv], 1.0)
 
         # Illinois: when the same end is replaced twice in a row, halve the retained end's weight
-        side = np.where(new_hi & ~new_lo, 1, np.where(new_lo & ~new_hi, -1, 0)).astype(np.int8)
-        repeat = (side != 0) & (side == self.side[idx])
-        self.w_lo[idx[repeat & (side == 1)]] *= 0.5
-        self.w_hi[idx[repeat & (side == -1)]] *= 0.5
+        side = np.where(adv, 1, -1).astype(np.int8)
+        repeat = side == self.side[idx]
+        self.w_lo[idx[repeat & adv]] *= 0.5
+        self.w_hi[idx[repeat & ~adv]] *= 0.5
         self.side[idx] = side
-        shrank = (self.hi[idx] - self.lo[idx]) <= 0.5 * width_before
+        shrank = (self.hi[idx] - self.lo[idx]) <= 0.5 * (hi - lo)
         self.slow[idx] = np.where(bisected | shrank | line, 0, self.slow[idx] + 1)
 
         hi, lo = self.hi[idx], self.lo[idx]
@@ -581,7 +535,8 @@ def _check_factors(factors: Sequence[float]) -> np.ndarray:
     return f
 
 
-def scale_perturbation(x: np.ndarray, eta: np.ndarray, eps: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+def scale_perturbation(x: np.ndarray, eta: np.ndarray, eps: np.ndarray,
+                       factors: Sequence[float]) -> np.ndarray:
     """Hard-positive images ``x_hp = perturb(x, eta, s * eps)`` for each factor s >= 1, uint8 (F, *eta.shape).
 
     That is ``x + sign(eta) * min(floor(s * eps * |eta| + 0.5), headroom)``: the *continuous* minimal

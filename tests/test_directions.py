@@ -41,6 +41,8 @@ def test_scores_and_labels_are_validated():
         omega_hc(SCORES, np.array([1, 4]), 1)
     with pytest.raises(ValueError, match="NaN or inf"):
         omega_hc(np.array([[np.nan, 1.0]]), np.array([0]), 1)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        omega_hc(SCORES, np.array([1.0, 2.0]), 1)
 
 
 def test_normalize_peak_one_and_flags_zero_gradient():
@@ -118,7 +120,7 @@ def test_hc_s_is_sign_of_hc_d_and_accepts_gradient_array():
 
 
 def test_backward_from_shape_is_checked():
-    with pytest.raises(ValueError, match=r"backward_from must return an image gradient of shape \(2, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"must return an image gradient of shape \(2, C, H, W\)"):
         hc_d(SCORES, LABELS, 1, lambda omega: np.zeros((2, 64)))
 
 
