@@ -271,3 +271,33 @@ def test_helper_input_errors(batch, searched):
 
 def test_result_type(searched):
     assert isinstance(searched[0], SearchResult)
+
+
+def test_exact_on_colour_images_with_tied_breakpoints():
+    """Directions quantised to multiples of 1/8 make many pixels change at the same eps (and some only
+    a few ulps apart); C = 3 and a linear model that some rays never flip."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (40, 3, 5, 5)).astype(np.uint8)
+    W = rng.standard_normal((4, 75))
+    b = -(x.reshape(40, -1) @ W.T).mean(0) / 256
+
+    def scores(batch):
+        return batch.reshape(len(batch), -1) @ W.T / 256 + b
+
+    y = scores(x).argmax(1)
+    towards = W[(y + 1) % 4] - W[y] + 0.5 * rng.standard_normal((40, 75))  # mostly adversarial
+    eta = np.stack([towards, -towards], axis=1).reshape(40, 2, 3, 5, 5)  # ... and mostly not
+    eta = np.round(eta / np.abs(eta).reshape(40, 2, -1).max(-1)[..., None, None, None] * 8) / 8
+    res = adversarial_search(scores, x, eta, y)
+    assert set(np.unique(res.status)) <= {Status.FOUND, Status.NOT_ADVERSARIAL}
+    assert res.success.sum() > 30 and (res.status == Status.NOT_ADVERSARIAL).any()
+    i, j = np.nonzero(res.success)
+    adv = perturb(x[i], eta[i, j], res.eps[i, j])
+    prev = perturb(x[i], eta[i, j], res.eps_prev[i, j])
+    assert np.array_equal(adv, res.x_adv[i, j])
+    assert (scores(adv).argmax(1) != y[i]).all() and (scores(prev).argmax(1) == y[i]).all()
+    assert np.array_equal(perturb(x[i], eta[i, j], np.nextafter(res.eps[i, j], 0)), prev)
+    # a failure means the saturated image keeps the label
+    i, j = np.nonzero(res.status == Status.NOT_ADVERSARIAL)
+    saturated = perturb(x[i], eta[i, j], np.full(len(i), 1e6))
+    assert (scores(saturated).argmax(1) == y[i]).all()
