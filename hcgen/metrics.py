@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,8 +63,10 @@ ECC_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-5)
 ECC_GAUSS_FILT_SIZE = 1
 LUMA_BGR = np.array([0.114, 0.587, 0.299], dtype=np.float32)  # ITU-R BT.601, as cv2.COLOR_BGR2GRAY
 
-_CHUNK = 32  # pairs per task: small enough that a chunk's SSIM planes stay in cache
+_CHUNK = 32  # pairs per alignment task
 _MIN_PARALLEL = 4 * _CHUNK  # below this a thread pool costs more than it saves
+_SSIM_PIXELS = 32 * 28 * 28  # pixels per SSIM step: 32 MNIST pairs, whose planes stay in cache
+_local = threading.local()
 
 
 class ECCNotConvergedWarning(RuntimeWarning):
@@ -144,30 +147,41 @@ def _valid_gaussian(n: int) -> np.ndarray:
     return m
 
 
+def _workspace(k: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's float64 buffers for k planes of h×w, reused: fresh ones cost as much as the GEMMs."""
+    ws = getattr(_local, "ssim", None)
+    if ws is None or ws[0] != (k, h, w):
+        r = WIN_SIZE - 1
+        ws = (k, h, w), np.empty((4, k, h, w)), np.empty((4 * k, h - r, w)), np.empty((4 * k, h - r, w - r))
+        _local.ssim = ws
+    return ws[1:]
+
+
 def _ssim_planes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Mean SSIM of each pair of 2-D planes x[i], y[i] (shape (M, H, W), any real dtype) -> (M,) float64."""
     m, h, w = x.shape
     gw, gh = _valid_gaussian(w), _valid_gaussian(h)
+    step = max(1, _SSIM_PIXELS // (h * w))
     out = np.empty(m)
-    for lo in range(0, m, _CHUNK):
-        a = x[lo : lo + _CHUNK].astype(np.float64)
-        b = y[lo : lo + _CHUNK].astype(np.float64)
-        k = len(a)
-        s = np.empty((5, k, h, w))
-        s[0], s[1] = a, b
-        np.multiply(a, a, out=s[2])
-        np.multiply(b, b, out=s[3])
-        np.multiply(a, b, out=s[4])
+    for lo in range(0, m, step):
+        k = min(step, m - lo)
+        s, half, z = _workspace(k, h, w)
+        # Planes x, y, x² + y², xy: Eq. 2 needs σx² + σy² only as a sum.
+        s[0], s[1] = x[lo : lo + k], y[lo : lo + k]
+        np.multiply(s[0], s[0], out=s[2])
+        np.multiply(s[1], s[1], out=s[3])
+        s[2] += s[3]
+        np.multiply(s[0], s[1], out=s[3])
         # Separable Gaussian weighting over the valid region, G_hᵀ · plane · G_w, one small GEMM per
-        # plane: a single big GEMM would let OpenBLAS spawn threads that fight the ECC workers.
-        z = (gh.T @ s.reshape(5 * k, h, w) @ gw).reshape(5, k, -1)
-        mu_x, mu_y, e_xx, e_yy, e_xy = z
+        # plane: one big GEMM would let OpenBLAS start threads that fight the ECC workers.
+        np.matmul(gh.T, s.reshape(4 * k, h, w), out=half)
+        np.matmul(half, gw, out=z)
+        mu_x, mu_y, e_xx_yy, e_xy = z.reshape(4, k, -1)
         mu_xy = mu_x * mu_y
-        mu_xx = mu_x * mu_x
-        mu_yy = mu_y * mu_y
+        mu_xx_yy = mu_x * mu_x + mu_y * mu_y
         # Eq. 2 with α = β = γ = 1 and C3 = C2 / 2: (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))
         num = (2 * mu_xy + C1) * (2 * (e_xy - mu_xy) + C2)
-        den = (mu_xx + mu_yy + C1) * ((e_xx - mu_xx) + (e_yy - mu_yy) + C2)
+        den = (mu_xx_yy + C1) * (e_xx_yy - mu_xx_yy + C2)
         out[lo : lo + k] = (num / den).mean(axis=1)  # Eq. 3
     return out
 
@@ -244,17 +258,21 @@ class _Aligner:
 
 
 def _run(aligner: _Aligner, n_jobs: int | None) -> None:
-    """Run `aligner` over its batch, in chunks on a thread pool (cv2 releases the GIL in ECC)."""
+    """Run `aligner` over its batch, in chunks on a thread pool (cv2 releases the GIL in ECC).
+
+    OpenCV's own threads are switched off meanwhile (and restored after): ECC gains nothing from them
+    (measured on 28×28 and 224×224 images) while an idle OpenCV worker spin-waits, burning about one
+    core per ECC caller, and one OpenCV thread per pool worker cannot oversubscribe the cores.
+    """
     n, workers = len(aligner.ok), _n_workers(n_jobs)
-    if workers == 1 or n < _MIN_PARALLEL:
-        aligner.run(0, n)
-        return
-    bounds = [(lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]
     cv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # one OpenCV thread per worker: no oversubscription
+    cv2.setNumThreads(1)
     try:
+        if workers == 1 or n < _MIN_PARALLEL:
+            aligner.run(0, n)
+            return
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for f in [pool.submit(aligner.run, lo, hi) for lo, hi in bounds]:
+            for f in [pool.submit(aligner.run, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]:
                 f.result()
     finally:
         cv2.setNumThreads(cv_threads)

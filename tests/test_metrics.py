@@ -214,8 +214,10 @@ def test_batched_pass_equals_the_naive_per_pair_loop(digits):
     y[1::3] = np.roll(y[1::3], 1, axis=2)
     y[2::7] = rng.integers(0, 256, y[2::7].shape)  # some non-convergence
     want = [naive_pass(a, b) for a, b in zip(x, y)]
+    cv_threads = cv2.getNumThreads()
     for n_jobs in (1, 2):
         scores, ok = pass_scores(x, y, n_jobs=n_jobs)
+        assert cv2.getNumThreads() == cv_threads  # restored after the batch
         np.testing.assert_allclose(scores, [s for s, _ in want], rtol=0, atol=1e-6)
         assert ok.tolist() == [k for _, k in want]
         assert not ok.all() and ok.any()
