@@ -41,17 +41,18 @@ def trained_lenet(tmp_path_factory) -> Path:
     images = _read_idx(SHARED_MNIST / "train-images-idx3-ubyte.gz")[:6400, None]
     labels = _read_idx(SHARED_MNIST / "train-labels-idx1-ubyte.gz")[:6400]
     write_datums(root / "train_lmdb", images, labels)
+    write_datums(root / "test_lmdb", images[:100], labels[:100])  # Caffe must not open one LMDB twice
     net = (MODELS / "lenet" / "lenet_train_test.prototxt").read_text()
     net = net.replace('source: "mnist_train_lmdb"', f'source: "{root / "train_lmdb"}"')
-    net = net.replace('source: "mnist_test_lmdb"', f'source: "{root / "train_lmdb"}"')
+    net = net.replace('source: "mnist_test_lmdb"', f'source: "{root / "test_lmdb"}"')
     (root / "net.prototxt").write_text(net)
     solver = (MODELS / "lenet" / "lenet_solver.prototxt").read_text()
     solver = solver.replace('net: "lenet_train_test.prototxt"', f'net: "{root / "net.prototxt"}"')
     solver = solver.replace("max_iter: 10000", "max_iter: 300\nrandom_seed: 1")
-    solver = solver.replace("test_interval: 500", "test_interval: 100000")
+    solver = solver.replace("test_interval: 500", "test_interval: 100000").replace("test_iter: 100", "test_iter: 1")
     solver = solver.replace('snapshot_prefix: "lenet"', f'snapshot_prefix: "{root / "lenet"}"')
     (root / "solver.prototxt").write_text(solver)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     subprocess.run([caffe_executable(), "train", f"--solver={root / 'solver.prototxt'}"],
-                   check=True, capture_output=True, env=env)
+                   check=True, capture_output=True, env=env, timeout=600)
     return root / "lenet_iter_300.caffemodel"
