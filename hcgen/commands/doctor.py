@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shutil
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
+
+from hcgen.pipeline.train import caffe_executable
 
 FIX = "run `bash scripts/bootstrap.sh setup` (or `make caffe`) in the hcgen checkout"
 
@@ -21,12 +20,6 @@ def add_parser(subparsers) -> None:
         "clear message when something is missing.",
     )
     p.set_defaults(func=run)
-
-
-def caffe_executable() -> str:
-    """The `caffe` CLI beside this interpreter (the venv's bin/caffe), else the one on PATH."""
-    beside = Path(sys.executable).with_name("caffe")
-    return str(beside) if beside.exists() else (shutil.which("caffe") or "caffe")
 
 
 def _line(ok: bool, name: str, detail: str) -> bool:

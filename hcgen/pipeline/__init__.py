@@ -1,0 +1,1 @@
+"""Pipelines built on the numeric core: generation, training, evaluation, the Table 1 protocol."""

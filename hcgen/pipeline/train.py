@@ -1,0 +1,347 @@
+"""Train and fine-tune with the stock `caffe train` CLI, and build shuffled fine-tuning LMDBs (Sec. 5.2).
+
+`train` copies a solver and its net into an output directory (``solver.prototxt``, ``net.prototxt``)
+with the snapshot prefix, random seed, iterations and Data-layer sources filled in, runs
+``caffe train`` on them, streams its log into ``train.log`` and reports progress to a callback.
+Fine-tuning is the same run with ``weights``; the paper fine-tunes its LeNets for 20,000 iterations
+and trains the base nets for 10,000. The Caffe hcgen builds parses ``caffe train --weights`` but never
+loads the weights, so `train` writes them as a snapshot at iteration 0 (zero momentum, as
+``--weights`` gives) and runs ``caffe train --snapshot`` on it.
+
+Runs are idempotent: a directory whose final snapshot exists is reported, not retrained; one with
+snapshots from an interrupted run resumes from the latest complete ``.solverstate``
+(``caffe train --snapshot``). On resume Caffe restores the weights, momentum and iteration but its
+Data layer starts again at the first key of the LMDB.
+
+Caffe's Data layer reads an LMDB in key order and never shuffles, so the "different random
+orderings" of the paper are made by `mix_training_data`, which writes a shuffled copy of the
+generated LMDBs (optionally with the original MNIST training set) for a seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from hcgen.lmdb_io import METADATA_FILE, MetadataTable, lmdb_count, mix_lmdbs
+
+LOG_FILE = "train.log"
+SOLVER_FILE = "solver.prototxt"
+NET_FILE = "net.prototxt"
+MIX_FILE = "mix.json"  # the settings of `mix_training_data`, beside the LMDB's data.mdb
+
+_ITERATION = re.compile(r"\] Iteration (\d+), loss = (\S+)")
+_TESTING = re.compile(r"\] Iteration (\d+), Testing net")
+_TEST_OUTPUT = re.compile(r"\]\s+Test net output #\d+: (\S+) = (\S+)")
+
+
+def caffe_executable() -> str:
+    """The `caffe` CLI beside this interpreter (the venv's bin/caffe), else the one on PATH."""
+    beside = Path(sys.executable).with_name("caffe")
+    return str(beside) if beside.exists() else (shutil.which("caffe") or "caffe")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One event of a running `caffe train`: a displayed training loss, or the outputs of a test pass.
+
+    `it_per_s` is the rate since the previous displayed loss (wall clock, tests included).
+    """
+
+    iteration: int
+    max_iter: int
+    loss: float | None = None
+    it_per_s: float | None = None
+    test: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "trained", "resumed" or "skipped" (the final snapshot already existed)
+    caffemodel: Path
+    solverstate: Path
+    log: Path
+    seed: int
+    max_iter: int
+    start_iter: int  # iteration the run started from (0, a snapshot's, or max_iter when skipped)
+    losses: list[tuple[int, float]]  # (iteration, smoothed loss) as displayed (skipped: all of train.log)
+    tests: list[tuple[int, dict[str, float]]]  # (iteration, test outputs), likewise
+    seconds: float  # wall time of `caffe train`, 0 when skipped
+
+    @property
+    def it_per_s(self) -> float:
+        done = self.max_iter - self.start_iter
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+class _LogParser:
+    """Turns `caffe train` GLOG lines into TrainProgress events (losses as displayed, test outputs)."""
+
+    def __init__(self, max_iter: int, progress: Callable[[TrainProgress], None] | None):
+        self.max_iter, self.progress = max_iter, progress
+        self.losses: list[tuple[int, float]] = []
+        self.tests: list[tuple[int, dict[str, float]]] = []
+        self._testing = False  # inside a block of "Test net output" lines
+        self._last: tuple[int, float] | None = None  # (iteration, time) of the last displayed loss
+
+    def feed(self, line: str) -> None:
+        m = _TEST_OUTPUT.search(line)
+        if m and self._testing:
+            self.tests[-1][1][m.group(1)] = float(m.group(2))
+            return
+        self.flush()
+        m = _TESTING.search(line)
+        if m:
+            self.tests.append((int(m.group(1)), {}))
+            self._testing = True
+            return
+        m = _ITERATION.search(line)
+        if m:
+            it, loss, now = int(m.group(1)), float(m.group(2)), time.monotonic()
+            rate = None
+            if self._last is not None and now > self._last[1] and it > self._last[0]:
+                rate = (it - self._last[0]) / (now - self._last[1])
+            self._last = (it, now)
+            self.losses.append((it, loss))
+            self._emit(TrainProgress(it, self.max_iter, loss=loss, it_per_s=rate))
+
+    def flush(self) -> None:
+        """Report a finished test pass (its output lines end at the first other line)."""
+        if self._testing and self.tests[-1][1]:
+            self._testing = False
+            self._emit(TrainProgress(self.tests[-1][0], self.max_iter, test=dict(self.tests[-1][1])))
+
+    def _emit(self, event: TrainProgress) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+
+def _snapshots(prefix: Path) -> list[tuple[int, Path]]:
+    """(iteration, .solverstate) of the snapshots with `prefix`, newest first."""
+    found = []
+    for path in prefix.parent.glob(prefix.name + "_iter_*.solverstate"):
+        m = re.fullmatch(re.escape(prefix.name) + r"_iter_(\d+)\.solverstate", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _complete_snapshot(prefix: Path, caffe_net) -> tuple[int, Path] | None:
+    """The newest snapshot whose solver state parses and whose caffemodel exists (written first)."""
+    for it, state in _snapshots(prefix):
+        model = state.with_suffix(".caffemodel")
+        if model.is_file() and caffe_net.solver_state_iteration(state) == it:
+            return it, state
+    return None
+
+
+def _initial_snapshot(solver: Path, weights: Path) -> Path:
+    """`caffe_net.write_initial_snapshot` in a child process: a failed Caffe CHECK aborts its process."""
+    code = "import sys; from hcgen.caffe_net import write_initial_snapshot as w; print(w(*sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(solver), str(weights)], capture_output=True,
+                          text=True, env={**os.environ, "GLOG_minloglevel": "2", "GLOG_logtostderr": "1"})
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"could not snapshot {weights} to fine-tune from:\n{tail}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_lmdb(path: str, role: str, option: str) -> None:
+    if not (Path(path) / "data.mdb").is_file():
+        raise FileNotFoundError(f"{role} LMDB not found: {path} (no data.mdb); pass {option} or build it "
+                                "with `hcgen data mnist` / `hcgen mix`")
+
+
+def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+          seed: int | None = None, train_lmdb: str | os.PathLike | None = None,
+          test_lmdb: str | os.PathLike | None = None, iterations: int | None = None,
+          snapshot_every: int | None = None, blas_threads: int | None = 1,
+          progress: Callable[[TrainProgress], None] | None = None,
+          executable: str | None = None) -> TrainResult:
+    """Train (or, with `weights`, fine-tune) the net of `solver` with ``caffe train``; results in `out`.
+
+    `seed` becomes the solver's ``random_seed``; None reuses the seed of an earlier run in `out`, or
+    draws a fresh one (reported in the result). `iterations` and `snapshot_every` override ``max_iter``
+    and ``snapshot``. `blas_threads` sets OPENBLAS_NUM_THREADS for the subprocess (None: inherit).
+    Raises FileNotFoundError for a missing solver, net, weights or LMDB, ValueError when `out` holds
+    snapshots of a run with other settings, and RuntimeError (with the end of the log) when
+    ``caffe train`` fails.
+    """
+    from hcgen import caffe_net  # pycaffe loads lazily: `hcgen doctor` imports caffe_executable without it
+
+    out = Path(out).absolute()
+    solver_path = Path(solver).absolute()
+    if not solver_path.is_file():
+        raise FileNotFoundError(f"solver not found: {solver}")
+    weights_path = Path(weights).absolute() if weights is not None else None
+    if weights_path is not None and not weights_path.is_file():
+        raise FileNotFoundError(f"weights not found: {weights} (the base net's .caffemodel to fine-tune)")
+    for name, value in (("iterations", iterations), ("snapshot_every", snapshot_every)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if seed is None and (out / SOLVER_FILE).is_file():
+        seed = caffe_net.solver_random_seed(out / SOLVER_FILE)
+    if seed is None or seed < 0:
+        seed = secrets.randbelow(2**31)
+    reference = caffe_net.read_solver_parameter(solver_path)
+    prefix = out / (Path(reference.snapshot_prefix).name or "net")
+    rendered = caffe_net.render_training(
+        solver_path, out / NET_FILE, str(prefix), seed, iterations, snapshot_every,
+        {"TRAIN": train_lmdb, "TEST": test_lmdb})
+    for phase, option in (("TRAIN", "--train"), ("TEST", "--test")):
+        if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter: no test net
+            _check_lmdb(rendered.sources[phase], "training" if phase == "TRAIN" else "test", option)
+    header = (f"# written by hcgen train from {solver_path}; "
+              f"{f'fine-tuning {weights_path}' if weights_path else 'random initialization'}\n")
+    solver_text = header + rendered.solver
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / LOG_FILE
+    old = (out / SOLVER_FILE).read_text() if (out / SOLVER_FILE).is_file() else None
+    old_net = (out / NET_FILE).read_text() if (out / NET_FILE).is_file() else None
+    if old not in (None, solver_text) or old_net not in (None, rendered.net):
+        if _snapshots(prefix):
+            raise ValueError(f"{out} holds snapshots of a run with different settings (see {out / SOLVER_FILE}); "
+                             "use another output directory or delete it")
+    (out / SOLVER_FILE).write_text(solver_text)
+    (out / NET_FILE).write_text(rendered.net)
+
+    latest = _complete_snapshot(prefix, caffe_net)
+    if latest is not None and latest[0] >= rendered.max_iter:
+        parser = _LogParser(rendered.max_iter, None)
+        for line in log.read_text(errors="replace").splitlines() if log.is_file() else ():
+            parser.feed(line)
+        return TrainResult("skipped", latest[1].with_suffix(".caffemodel"), latest[1], log, seed,
+                           rendered.max_iter, rendered.max_iter, parser.losses, parser.tests, 0.0)
+
+    resumed = latest is not None
+    if latest is None and weights_path is not None:
+        latest = (0, _initial_snapshot(out / SOLVER_FILE, weights_path))
+    cmd = [executable or caffe_executable(), "train", f"--solver={out / SOLVER_FILE}"]
+    if latest is not None:
+        cmd.append(f"--snapshot={latest[1]}")
+    env = {**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"}
+    if blas_threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
+    parser = _LogParser(rendered.max_iter, progress)
+    tail: deque[str] = deque(maxlen=30)
+    started = time.monotonic()
+    with open(log, "a", buffering=1) as log_file:  # line-buffered: `tail -f train.log` follows it
+        log_file.write(f"==== hcgen train {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+        if weights_path is not None and not resumed:
+            log_file.write(f"==== fine-tuning {weights_path}: snapshot {latest[1].name} holds its weights\n")
+        log_file.flush()
+        try:
+            proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", bufsize=1)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run {cmd[0]} ({exc}); install Caffe with `make caffe`") from exc
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                tail.append(line)
+                parser.feed(line)
+            proc.wait()
+        except BaseException:
+            # Ctrl-C: caffe's SIGINT handler snapshots and stops; wait for it so the snapshot is whole.
+            proc.send_signal(signal.SIGINT)
+            log_file.write(proc.stdout.read())
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+    parser.flush()
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        rc = proc.returncode
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with {rc}"
+        raise RuntimeError(f"caffe train {how}; last lines of {log}:\n{''.join(tail)}")
+    final = _complete_snapshot(prefix, caffe_net)
+    if final is None:
+        raise RuntimeError(f"caffe train left no snapshot in {out}; last lines of {log}:\n{''.join(tail)}")
+    if final[0] < rendered.max_iter:
+        raise RuntimeError(f"caffe train stopped early (interrupted?) and saved {final[1]}; "
+                           "rerun the same command to resume")
+    return TrainResult("resumed" if resumed else "trained", final[1].with_suffix(".caffemodel"),
+                       final[1], log, seed, rendered.max_iter, latest[0] if latest else 0,
+                       parser.losses, parser.tests, seconds)
+
+
+# --- fine-tuning data --------------------------------------------------------------------------------
+
+def mix_training_data(generated: Sequence[str | os.PathLike], out: str | os.PathLike, seed: int, *,
+                      with_mnist: str | os.PathLike | None = None, methods: Sequence[str] | None = None,
+                      scales: Sequence[float] | None = None, min_pass: float | None = None,
+                      max_pass: float | None = None,
+                      progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Write the selected records of the `generated` LMDBs (and all of `with_mnist`) to `out`, shuffled.
+
+    Filters read the generation metadata (``metadata.csv``) of each generated LMDB: `methods` keeps
+    records whose ``method`` is listed, `scales` those whose ``scale`` is listed, `min_pass` /
+    `max_pass` those with ``min_pass <= pass < max_pass``. `with_mnist` (e.g. the 60K MNIST training
+    LMDB) is never filtered. Every selected record is written exactly once, in an order fixed by `seed`.
+    The settings are kept in ``out/mix.json``: rerunning with the same ones resumes (or does nothing),
+    other settings are refused. Returns (records in `out`, records it held before).
+    """
+    sources = [Path(p) for p in generated]
+    if not sources and with_mnist is None:
+        raise ValueError("nothing to mix: give at least one generated LMDB (or --with-mnist)")
+    if min_pass is not None and max_pass is not None and min_pass >= max_pass:
+        raise ValueError(f"--min-pass {min_pass} must be below --max-pass {max_pass}")
+    needs = {"method": methods is not None, "scale": scales is not None,
+             "pass": min_pass is not None or max_pass is not None}
+    for path in sources:
+        _check_lmdb(str(path), "generated", "an existing LMDB")
+        wanted = [c for c, on in needs.items() if on]
+        if wanted:
+            table = path / METADATA_FILE
+            columns = MetadataTable(table).columns if table.is_file() else ()
+            lacking = [c for c in wanted if c not in columns]
+            if lacking:
+                where = f"columns of {table}: {', '.join(columns)}" if table.is_file() else f"no {METADATA_FILE}"
+                raise ValueError(f"{path} lacks the metadata column(s) {', '.join(lacking)} "
+                                 f"to filter on ({where})")
+    if with_mnist is not None:
+        _check_lmdb(str(with_mnist), "MNIST training", "--with-mnist")
+    method_set = set(methods) if methods is not None else None
+    scale_set = {float(s) for s in scales} if scales is not None else None
+
+    def include(source: int, key: str, row: Mapping[str, str]) -> bool:
+        if source >= len(sources):
+            return True  # the original training set
+        if not row:
+            raise ValueError(f"{sources[source]}: record {key} has no metadata row; cannot filter it")
+        if method_set is not None and row["method"] not in method_set:
+            return False
+        if scale_set is not None and float(row["scale"]) not in scale_set:
+            return False
+        if min_pass is not None and not float(row["pass"]) >= min_pass:
+            return False
+        return max_pass is None or float(row["pass"]) < max_pass
+
+    settings = {"generated": [str(p.absolute()) for p in sources], "seed": seed,
+                "with_mnist": str(Path(with_mnist).absolute()) if with_mnist is not None else None,
+                "methods": list(methods) if methods is not None else None,
+                "scales": sorted(scale_set) if scale_set is not None else None,
+                "min_pass": min_pass, "max_pass": max_pass}
+    before = lmdb_count(out)
+    record = Path(out) / MIX_FILE
+    if before and (not record.is_file() or json.loads(record.read_text()) != settings):
+        raise ValueError(f"{out} already holds {before} records mixed with other settings (see {record}); "
+                         "write to another LMDB or delete it")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+    filtered = any(needs.values())
+    count = mix_lmdbs(sources + ([Path(with_mnist)] if with_mnist is not None else []), out, seed,
+                      include=include if filtered else None, progress=progress)
+    return count, before
