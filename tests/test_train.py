@@ -106,7 +106,7 @@ def test_other_settings_in_a_used_directory_are_refused(trained, data):
     with pytest.raises(ValueError, match="holds snapshots of a run with different settings"):
         train(data["solver"], out, seed=2, train_lmdb=data["train"], test_lmdb=data["test"], iterations=300)
     with pytest.raises(ValueError, match="different settings"):
-        train(data["solver"], out, seed=1, train_lmdb=data["test"], test_lmdb=data["test"], iterations=300)
+        train(data["solver"], out, seed=1, train_lmdb=data["train"], test_lmdb=data["test"], iterations=200)
 
 
 def test_killed_run_resumes_from_its_last_complete_snapshot(data, tmp_path):
@@ -169,6 +169,8 @@ def test_user_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="iterations must be positive"):
         train(data["solver"], tmp_path / "e", seed=1, train_lmdb=data["train"], test_lmdb=data["test"],
               iterations=0)
+    with pytest.raises(ValueError, match="training and test LMDB are both .*hangs opening one LMDB twice"):
+        train(data["solver"], tmp_path / "g", seed=1, train_lmdb=data["test"], test_lmdb=data["test"], iterations=1)
     with pytest.raises(RuntimeError, match="cannot run .*no-such-caffe"):
         train(data["solver"], tmp_path / "f", seed=1, executable=str(tmp_path / "no-such-caffe"), **kwargs)
 

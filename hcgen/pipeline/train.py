@@ -199,8 +199,12 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
         solver_path, out / NET_FILE, str(prefix), seed, iterations, snapshot_every,
         {"TRAIN": train_lmdb, "TEST": test_lmdb})
     for phase, option in (("TRAIN", "--train"), ("TEST", "--test")):
-        if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter: no test net
+        if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter, no test net
             _check_lmdb(rendered.sources[phase], "training" if phase == "TRAIN" else "test", option)
+    tested = reference.test_iter and {"TRAIN", "TEST"} <= set(rendered.sources)
+    if tested and Path(rendered.sources["TEST"]).resolve() == Path(rendered.sources["TRAIN"]).resolve():
+        raise ValueError(f"the training and test LMDB are both {rendered.sources['TRAIN']}: this Caffe hangs "
+                         "opening one LMDB twice; pass another --test (a copy will do)")
     header = (f"# written by hcgen train from {solver_path}; "
               f"{f'fine-tuning {weights_path}' if weights_path else 'random initialization'}\n")
     solver_text = header + rendered.solver
