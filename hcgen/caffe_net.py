@@ -36,7 +36,8 @@ class Preprocessing:
 
     LeNet (Caffe's MNIST example): ``scale=1/256`` (0.00390625), no mean, one channel.
     BVLC-GoogLeNet: ``channel_order=(2, 1, 0)`` (RGB pixels -> BGR), ``mean=(104, 117, 123)``,
-    ``scale=1``.
+    ``scale=1``. hcgen's ImageNet presets (`GOOGLENET`, `RESNET152`) take BGR pixels, as hcgen.images
+    loads them and as Caffe's Data layer reads LMDBs, so they swap no channels.
     """
 
     scale: float = 1.0
@@ -69,6 +70,19 @@ class Preprocessing:
 
 
 LENET = Preprocessing(scale=0.00390625)
+# ImageNet nets on BGR pixels (the order of cv2.imread, hcgen.images and the LMDBs hcgen writes), 224x224
+# centre crops: BVLC-GoogLeNet's train_val mean_value; for ResNet-152, whose published mean is the
+# image ResNet_mean.binaryproto, per-channel ImageNet means (see models/resnet152/README.md).
+GOOGLENET = Preprocessing(mean=(104.0, 117.0, 123.0))
+RESNET152 = Preprocessing(mean=(103.939, 116.779, 123.68))
+PRESETS = {"lenet": LENET, "googlenet": GOOGLENET, "resnet152": RESNET152}
+
+
+def preprocessing_preset(name: str) -> Preprocessing:
+    """The `Preprocessing` named `name` in `PRESETS` (lenet, googlenet, resnet152)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def read_net_parameter(prototxt: str | os.PathLike) -> caffe_pb2.NetParameter:

@@ -21,8 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="deploy prototxt (Input layer, force_backward: true)")
     p.add_argument("--weights", required=True, help="trained caffemodel")
     p.add_argument("--input", default=None,
-                   help="source images: an LMDB of Datums, or a folder with the MNIST IDX files "
-                   "(default: the MNIST search path, see README)")
+                   help="source images: an LMDB of Datums, a folder of JPEG/PNG images (224x224 centre crops "
+                   "of a 256x256 resize, BGR; labels from labels.txt or class subfolders, see hcgen/images.py), "
+                   "or a folder with the MNIST IDX files (default: the MNIST search path, see README)")
     p.add_argument("--split", default="train", choices=("train", "test"), help="MNIST split (default train)")
     p.add_argument("--methods", default=PAPER_METHODS,
                    help=f"comma-separated: fgs, fgv, hc-d:K, hc-s:K with K like 1-9 (default {PAPER_METHODS})")
@@ -37,6 +38,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=64, help="source images per batch / atomic write (default 64)")
     p.add_argument("--shard", default="0/1", metavar="K/N", help="process only batches b with b %% N == K")
     p.add_argument("--layer", default=None, help="penultimate layer (default: the input of the final Softmax)")
+    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152"),
+                   help="pixels -> net input: lenet (x/256), googlenet (BGR minus 104,117,123), resnet152 "
+                   "(BGR minus 103.94,116.78,123.68) (default lenet)")
     p.set_defaults(func=run)
 
 
@@ -53,14 +57,14 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.caffe_net import CaffeNet
+    from hcgen.caffe_net import CaffeNet, preprocessing_preset
     from hcgen.pipeline.generate import generate
 
-    net = CaffeNet(args.model, args.weights, layer=args.layer)
+    net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess), layer=args.layer)
     settings = GenerateSettings(
         model=args.model, weights=args.weights, source=args.input, split=args.split,
         methods=args.methods, scales=args.scales, min_pass=args.min_pass, limit=args.limit,
-        seed=args.seed, batch_size=args.batch, shard=args.shard,
+        seed=args.seed, batch_size=args.batch, shard=args.shard, preprocess=args.preprocess,
     )
     with tqdm(desc="generate", unit="img") as bar:
         def progress(n_images: int, total: int, stats: dict) -> None:

@@ -98,11 +98,23 @@ def parse_scales(spec: str) -> list[float]:
 
 
 def load_source(source: str | os.PathLike | None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Source images (N, C, H, W) uint8 and labels: an LMDB of Datums, or a folder with MNIST IDX files."""
+    """Source images (N, C, H, W) uint8 and labels: an LMDB of Datums, a folder of JPEG/PNG images, or a
+    folder with MNIST IDX files.
+
+    Images of a folder are BGR 224x224 centre crops of a 256x256 resize, labelled by a labels.txt or by
+    class subfolders (see `hcgen.images`). Colour 256x256 Datums (BVLC's ilsvrc12 LMDBs) are centre-cropped
+    to 224x224, as Caffe's Data layer does in the TEST phase with crop_size: 224.
+    """
+    from hcgen import images as imageio
+
     path = Path(source) if source is not None else None
     if path is not None and (path / "data.mdb").exists():
         _, images, labels = read_lmdb(path)
+        if images.shape[1:] == (3, imageio.RESIZE, imageio.RESIZE):
+            images = np.ascontiguousarray(imageio.center_crop(images))
         return images, labels.astype(np.int64)
+    if path is not None and imageio.is_image_folder(path):
+        return imageio.load_image_folder(path)
     from hcgen.mnist import load_mnist
 
     images, labels = load_mnist(source, split)
@@ -226,6 +238,7 @@ class GenerateSettings:
     seed: int
     batch_size: int
     shard: str = "0/1"
+    preprocess: str = "lenet"
 
 
 def _read_done(path: Path) -> set[int]:
