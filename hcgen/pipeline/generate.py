@@ -26,7 +26,7 @@ import csv
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -292,9 +292,12 @@ def generate(net, settings: GenerateSettings, out: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "generate.json"
     if settings_file.exists():
-        previous = json.loads(settings_file.read_text())
-        if previous != asdict(settings):
-            changed = sorted(k for k in previous if previous.get(k) != asdict(settings).get(k))
+        # settings added in later versions take their defaults in older files
+        defaults = {f.name: f.default for f in fields(GenerateSettings) if f.default is not MISSING}
+        previous = {**defaults, **json.loads(settings_file.read_text())}
+        current = asdict(settings)
+        if previous != current:
+            changed = sorted(k for k in current if previous.get(k) != current[k])
             raise ValueError(f"{out} holds a generation with other settings ({', '.join(changed)}); "
                              "use another --out or the same options to resume")
     else:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Reproduce Table 1 and Figs. 2, 4, 5, 6 of Rozsa et al. (CVPRW 2016) on LeNet/MNIST, from raw MNIST.
+#   bash scripts/reproduce_table1.sh            # quick profile (under ~45 min on 2 cores)
+#   bash scripts/reproduce_table1.sh full       # the paper's protocol (many hours; see README)
+# Sets everything up first (as the README's commands do). Rerunning resumes: finished stages are
+# kept in work/table1/PROFILE, results go to results/table1-PROFILE.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+profile=${1:-quick}
+bash "$root/scripts/bootstrap.sh" setup
+cd "$root"
+exec .venv/bin/hcgen table1 --profile "$profile" "${@:2}"
