@@ -272,8 +272,14 @@ def _run(aligner: _Aligner, n_jobs: int | None) -> None:
             aligner.run(0, n)
             return
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for f in [pool.submit(aligner.run, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]:
-                f.result()
+            futures = [pool.submit(aligner.run, lo, min(lo + _CHUNK, n)) for lo in range(0, n, _CHUNK)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # an OpenCV error or Ctrl-C: do not run the remaining chunks
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         cv2.setNumThreads(cv_threads)
 
@@ -285,7 +291,7 @@ def align_ecc(original: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, 
     """
     x, y = _check_pair(original, candidate, batch=False)
     a = _Aligner(x[None], y[None], score=False)
-    a.run(0, 1)
+    _run(a, 1)
     return a.aligned[0], a.homography[0], bool(a.ok[0])
 
 

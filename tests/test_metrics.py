@@ -200,8 +200,9 @@ def test_opencv_errors_other_than_non_convergence_propagate(digits, monkeypatch)
         raise cv2.error("not an ECC convergence problem")
 
     monkeypatch.setattr(metrics.cv2, "findTransformECC", broken)
-    with pytest.raises(cv2.error, match="not an ECC convergence problem"):
-        pass_scores(digits[:3], digits[3:6])
+    for n in (3, 150):  # in the caller's thread, and from the thread pool
+        with pytest.raises(cv2.error, match="not an ECC convergence problem"):
+            pass_scores(digits[:n], digits[-n:], n_jobs=2)
 
 
 # --------------------------------------------------------------------------- batched = exact
