@@ -27,6 +27,13 @@ doctor: caffe
 # The main job: works with no arguments (see README).
 demo: caffe
 	$(VENV)/bin/hcgen doctor
+	$(VENV)/bin/hcgen demo
+
+table1-quick: caffe
+	$(VENV)/bin/hcgen table1 --profile quick
+
+table1-full: caffe
+	$(VENV)/bin/hcgen table1 --profile full
 
 test: caffe
 	$(PY) -m pytest -q tests

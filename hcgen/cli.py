@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hcgen.commands import data_cmd, doctor, generate_cmd, pass_cmd, table1_cmd, train_cmd
+from hcgen.commands import data_cmd, demo_cmd, doctor, generate_cmd, pass_cmd, table1_cmd, train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (doctor, data_cmd, pass_cmd, generate_cmd, train_cmd, table1_cmd):
+    for module in (demo_cmd, doctor, data_cmd, pass_cmd, generate_cmd, train_cmd, table1_cmd):
         module.add_parser(sub)
     return parser
 
