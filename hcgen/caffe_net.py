@@ -435,35 +435,3 @@ def solver_state_iteration(path: str | os.PathLike) -> int | None:
     except (OSError, DecodeError):
         return None
     return int(state.iter) if state.HasField("iter") and state.history else None
-
-
-def write_initial_snapshot(solver: str | os.PathLike, weights: str | os.PathLike) -> Path:
-    """Snapshot `weights` at iteration 0 (zero momentum) for ``caffe train --snapshot``; returns the .solverstate.
-
-    Fine-tuning: this Caffe's ``caffe train`` accepts ``--weights`` but never loads them (its
-    tools/caffe.cpp lacks BVLC's CopyLayers), so a run resumed from this snapshot starts from `weights`
-    instead. Layers are matched by name, as ``--weights`` does; a shape mismatch is an error.
-    """
-    base = caffe_pb2.NetParameter()
-    try:
-        base.ParseFromString(Path(weights).read_bytes())
-    except DecodeError as exc:
-        raise ValueError(f"{weights} is not a binary caffemodel: {exc}") from exc
-    if not base.layer:
-        raise ValueError(f"{weights} holds no layers (V1 'layers' caffemodels need upgrade_net_proto_binary)")
-    sgd = caffe.get_solver(str(solver))
-    shared = 0
-    for layer in base.layer:
-        if layer.name in sgd.net.params and layer.blobs:
-            ours = [tuple(b.data.shape) for b in sgd.net.params[layer.name]]
-            theirs = [tuple(b.shape.dim) for b in layer.blobs]
-            # legacy caffemodels give num/channels/height/width instead of a shape: Caffe checks those
-            if ours != theirs and all(b.HasField("shape") for b in layer.blobs):
-                raise ValueError(f"layer {layer.name!r}: {weights} has blob shapes {theirs}, the net {ours}")
-            shared += 1
-    if not shared:
-        raise ValueError(f"{weights} shares no layer names with the net of {solver}; nothing to fine-tune")
-    sgd.net.copy_from(str(weights))
-    sgd.snapshot()
-    param = read_solver_parameter(solver)
-    return Path(f"{param.snapshot_prefix}_iter_0.solverstate")

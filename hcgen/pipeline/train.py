@@ -3,10 +3,9 @@
 `train` copies a solver and its net into an output directory (``solver.prototxt``, ``net.prototxt``)
 with the snapshot prefix, random seed, iterations and Data-layer sources filled in, runs
 ``caffe train`` on them, streams its log into ``train.log`` and reports progress to a callback.
-Fine-tuning is the same run with ``weights``; the paper fine-tunes its LeNets for 20,000 iterations
-and trains the base nets for 10,000. The Caffe hcgen builds parses ``caffe train --weights`` but never
-loads the weights, so `train` writes them as a snapshot at iteration 0 (zero momentum, as
-``--weights`` gives) and runs ``caffe train --snapshot`` on it.
+Fine-tuning is the same run with ``weights`` (``caffe train --weights``; the sdist's tool parsed the
+flag but loaded nothing until patches/0004-caffe-train-weights.patch); the paper fine-tunes its LeNets
+for 20,000 iterations and trains the base nets for 10,000.
 
 Runs are idempotent: a directory whose final snapshot exists is reported, not retrained; one with
 snapshots from an interrupted run resumes from the latest complete ``.solverstate``
@@ -145,17 +144,6 @@ def _complete_snapshot(prefix: Path, caffe_net) -> tuple[int, Path] | None:
     return None
 
 
-def _initial_snapshot(solver: Path, weights: Path) -> Path:
-    """`caffe_net.write_initial_snapshot` in a child process: a failed Caffe CHECK aborts its process."""
-    code = "import sys; from hcgen.caffe_net import write_initial_snapshot as w; print(w(*sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, str(solver), str(weights)], capture_output=True,
-                          text=True, env={**os.environ, "GLOG_minloglevel": "2", "GLOG_logtostderr": "1"})
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"could not snapshot {weights} to fine-tune from:\n{tail}")
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
 def _check_lmdb(path: str, role: str, option: str) -> None:
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"{role} LMDB not found: {path} (no data.mdb); pass {option} or build it "
@@ -229,11 +217,11 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
                            rendered.max_iter, rendered.max_iter, parser.losses, parser.tests, 0.0)
 
     resumed = latest is not None
-    if latest is None and weights_path is not None:
-        latest = (0, _initial_snapshot(out / SOLVER_FILE, weights_path))
     cmd = [executable or caffe_executable(), "train", f"--solver={out / SOLVER_FILE}"]
     if latest is not None:
         cmd.append(f"--snapshot={latest[1]}")
+    elif weights_path is not None:
+        cmd.append(f"--weights={weights_path}")  # needs patches/0004 (this fork dropped CopyLayers)
     env = {**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"}
     if blas_threads is not None:
         env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
@@ -242,8 +230,6 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     started = time.monotonic()
     with open(log, "a", buffering=1) as log_file:  # line-buffered: `tail -f train.log` follows it
         log_file.write(f"==== hcgen train {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-        if weights_path is not None and not resumed:
-            log_file.write(f"==== fine-tuning {weights_path}: snapshot {latest[1].name} holds its weights\n")
         log_file.flush()
         try:
             proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
