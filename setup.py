@@ -18,6 +18,7 @@ setup(
         "six",  # imported by pycaffe
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        "dask[distributed]>=2024.1",  # the Table 1 stage graph on a LocalCluster or any Dask cluster
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["hcgen=hcgen.cli:main"]},

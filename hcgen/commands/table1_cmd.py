@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--work", default="work/table1", help="stage outputs (default work/table1)")
     p.add_argument("--results", default=None, help="table and figures (default results/table1-PROFILE)")
     p.add_argument("--mnist", default=None, help="folder with the MNIST IDX files (default: search path)")
+    p.add_argument("--dask", action="store_true",
+                   help="run independent stages in parallel on a Dask LocalCluster (one single-threaded "
+                   "worker per core)")
+    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: cores)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing Dask cluster (e.g. tcp://host:8786); workers must share --work")
     p.set_defaults(func=run)
 
 
@@ -39,7 +46,22 @@ def run(args: argparse.Namespace) -> int:
     def progress(name: str, i: int, n: int) -> None:
         print(f"[{time.time() - start:7.0f} s] stage {i + 1 if i < n else n}/{n}: {name}", flush=True)
 
-    outputs = run_sequential(graph, work, progress)
+    if args.dask or args.scheduler:
+        from hcgen.pipeline.scale import run_dask
+
+        def live(state: dict) -> None:
+            if state["done"] == 0:
+                print(f"Dask dashboard: {state['dashboard']}", flush=True)
+                return
+            print(f"\r[{time.time() - start:7.0f} s] stages done {state['done']}/{state['total']}, running "
+                  f"{state['running']}, left {state['left']}, ETA {state['eta_s'] / 60:5.1f} min "
+                  f"(last: {state['last']})", end="", flush=True)
+
+        print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
+        outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live)
+        print()
+    else:
+        outputs = run_sequential(graph, work, progress)
     report = write_report(profile, outputs, results)
     print(report["table"])
     print(f"figures: {', '.join(report['figures'])} in {results}; took {time.time() - start:.0f} s")
