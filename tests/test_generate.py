@@ -15,7 +15,7 @@ import pytest
 from hcgen import directions, search
 from hcgen.caffe_net import CaffeNet
 from hcgen.lmdb_io import METADATA_FILE, MetadataTable, read_lmdb
-from hcgen.pipeline.generate import (GenerateSettings, Method, compute_directions, generate,
+from hcgen.pipeline.generate import (GenerateSettings, Method, compute_directions, generate, merge_shards,
                                      parse_methods, parse_scales, parse_shard)
 
 from .conftest import MODELS, SHARED_MNIST
@@ -160,16 +160,25 @@ def test_rerun_with_other_settings_is_refused(net, trained_lenet, generated):
         generate(net, _settings(trained_lenet, methods="fgs"), out)
 
 
-def test_shards_partition_the_unsharded_run(net, trained_lenet, generated, tmp_path):
+def test_merged_shards_equal_the_unsharded_run_exactly(net, trained_lenet, generated, tmp_path):
+    from hcgen.cli import main
+
     out, _ = generated
-    whole = {(r["source_index"], r["method"], r["scale"]): r for r in MetadataTable(out / METADATA_FILE).rows()}
-    parts = {}
     for k in range(2):
         generate(net, _settings(trained_lenet, shard=f"{k}/2"), tmp_path / str(k))
-        for r in MetadataTable(tmp_path / str(k) / METADATA_FILE).rows():
-            parts[(r["source_index"], r["method"], r["scale"])] = r
-    assert parts.keys() == whole.keys()
-    assert all(parts[key]["pass"] == whole[key]["pass"] for key in whole)
+    assert main(["merge", str(tmp_path / "1"), str(tmp_path / "0"), "--out", str(tmp_path / "m")]) == 0
+    keys, images, labels = read_lmdb(tmp_path / "m")
+    keys0, images0, labels0 = read_lmdb(out)
+    assert keys == keys0
+    np.testing.assert_array_equal(images, images0)
+    np.testing.assert_array_equal(labels, labels0)
+    assert list(MetadataTable(tmp_path / "m" / METADATA_FILE).rows()) == list(MetadataTable(out / METADATA_FILE).rows())
+    assert (tmp_path / "m" / "failures.csv").read_text() == (out / "failures.csv").read_text()
+    assert json.loads((tmp_path / "m" / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
+    generate(net, _settings(trained_lenet), tmp_path / "m")  # accepted as the unsharded run: nothing to do
+    assert read_lmdb(tmp_path / "m")[0] == keys0
+    with pytest.raises(ValueError, match=r"each of the shards \['0/2', '1/2'\] once, got \['0/2'\]"):
+        merge_shards([tmp_path / "0"], tmp_path / "m2")
 
 
 def test_resume_after_kill(trained_lenet, generated, tmp_path):

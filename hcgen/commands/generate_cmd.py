@@ -42,6 +42,27 @@ def add_parser(subparsers) -> None:
                    help="pixels -> net input: lenet (x/256), googlenet (BGR minus 104,117,123), resnet152 "
                    "(BGR minus 103.94,116.78,123.68) (default lenet)")
     p.set_defaults(func=run)
+    add_merge_parser(subparsers)
+
+
+def add_merge_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge `hcgen generate --shard K/N` outputs into one LMDB",
+        description="Merge the N shard outputs of `hcgen generate --shard K/N` into a new LMDB folder "
+        "whose keys, Datums, metadata and failures equal those of the same generation run unsharded.",
+    )
+    p.add_argument("shards", nargs="+", help="the shard output folders (K = 0..N-1, any order)")
+    p.add_argument("--out", required=True, help="new output folder")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from hcgen.pipeline.generate import merge_shards
+
+    count = merge_shards(args.shards, args.out)
+    print(f"merged {len(args.shards)} shards: {count} records in {args.out}")
+    return 0
 
 
 def print_summary(summary: dict) -> None:

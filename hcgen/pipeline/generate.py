@@ -353,3 +353,65 @@ def summarize(out: str | os.PathLike, methods: Sequence[Method] = ()) -> dict:
                                np.round(np.quantile(v, [0, 0.25, 0.5, 0.75, 1]), 4).tolist()))
                  for key, v in passes.items()}
     return {"records": lmdb_count(out), "methods": per, "pass_quantiles": quantiles}
+
+
+def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> int:
+    """Merge the outputs of ``--shard K/N`` runs (K = 0..N-1) into `out`, exactly as the unsharded run.
+
+    Records are written in batch order, which is the unsharded run's key order, so keys, Datums and
+    metadata rows are identical to one `generate` over all batches; failures and done batches are
+    merged likewise, and `out/generate.json` holds the settings with ``shard = "0/1"``, so `generate`
+    accepts `out` as that run (e.g. to resume or extend it). Returns the number of records.
+    """
+    from hcgen.lmdb_io import read_raw
+
+    paths = [Path(s) for s in shards]
+    settings = []
+    for p in paths:
+        if not (p / "generate.json").exists():
+            raise FileNotFoundError(f"{p} is not a `hcgen generate` output (no generate.json)")
+        settings.append(json.loads((p / "generate.json").read_text()))
+    specs = [parse_shard(s.get("shard", "0/1")) for s in settings]
+    n = specs[0][1]
+    got = sorted(f"{k}/{m}" for k, m in specs)
+    wanted = [f"{k}/{n}" for k in range(n)]
+    if got != wanted:
+        raise ValueError(f"merge needs each of the shards {wanted} once, got {got}")
+    common = [{k: v for k, v in s.items() if k != "shard"} for s in settings]
+    if any(c != common[0] for c in common):
+        raise ValueError("the shards were generated with different settings; they cannot be merged")
+    out = Path(out)
+    if (out / "data.mdb").exists():
+        raise ValueError(f"{out} already holds an LMDB; merge into a new folder")
+    order = []  # (batch, shard, record index)
+    rows: list[list[dict]] = []
+    for s, p in enumerate(paths):
+        table = list(MetadataTable(p / METADATA_FILE).rows()) if (p / METADATA_FILE).exists() else []
+        rows.append(table)
+        order += [(int(r["batch"]), s, i) for i, r in enumerate(table)]
+    order.sort()
+    out.mkdir(parents=True)
+    with DatumWriter(out, metadata_columns=COLUMNS) as writer:
+        for start in range(0, len(order), 4096):
+            chunk = order[start:start + 4096]
+            raw = {s: dict(zip(idx, read_raw(paths[s], idx)))
+                   for s in {s for _, s, _ in chunk} for idx in [[i for _, t, i in chunk if t == s]]}
+            writer.write_raw([raw[s][i] for _, s, i in chunk],
+                             {c: [rows[s][i][c] for _, s, i in chunk] for c in COLUMNS})
+        count = writer.count
+    failures = []
+    for p in paths:
+        with open(p / "failures.csv", newline="") as f:
+            failures += list(csv.reader(f))[1:]
+    failures.sort(key=lambda r: int(r[0]))  # stable: keeps each batch's own order
+    with open(out / "failures.csv", "w", newline="") as f:
+        csv.writer(f).writerows([list(FAILURE_COLUMNS)] + failures)
+    done = sorted(set().union(*(_read_done(p / "done.txt") for p in paths)))
+    (out / "done.txt").write_text("".join(f"{b}\n" for b in done))
+    (out / "generate.json").write_text(json.dumps({**settings[0], "shard": "0/1"}, indent=1))
+    summary = summarize(out, parse_methods(settings[0]["methods"]))
+    shard_summaries = [json.loads((p / "summary.json").read_text()) for p in paths if (p / "summary.json").exists()]
+    summary["source_images"] = (sum(x["source_images"] for x in shard_summaries)
+                                if len(shard_summaries) == n else None)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return count
