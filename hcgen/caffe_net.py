@@ -89,16 +89,19 @@ def preprocessing_preset(name: str) -> Preprocessing:
     return PRESETS[name]
 
 
-def read_net_parameter(prototxt: str | os.PathLike) -> caffe_pb2.NetParameter:
+def _read_prototxt(prototxt: str | os.PathLike, param, what: str):
     path = Path(prototxt)
     if not path.is_file():
-        raise FileNotFoundError(f"deploy prototxt not found: {path}")
-    param = caffe_pb2.NetParameter()
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         text_format.Merge(path.read_text(), param)
     except text_format.ParseError as exc:
-        raise ValueError(f"{path} is not a valid Caffe NetParameter prototxt: {exc}") from exc
+        raise ValueError(f"{path} is not a valid Caffe {type(param).__name__} prototxt: {exc}") from exc
     return param
+
+
+def read_net_parameter(prototxt: str | os.PathLike) -> caffe_pb2.NetParameter:
+    return _read_prototxt(prototxt, caffe_pb2.NetParameter(), "deploy prototxt")
 
 
 def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
@@ -352,15 +355,7 @@ class TrainingPrototxts(NamedTuple):
 
 
 def read_solver_parameter(prototxt: str | os.PathLike) -> caffe_pb2.SolverParameter:
-    path = Path(prototxt)
-    if not path.is_file():
-        raise FileNotFoundError(f"solver not found: {path}")
-    param = caffe_pb2.SolverParameter()
-    try:
-        text_format.Merge(path.read_text(), param)
-    except text_format.ParseError as exc:
-        raise ValueError(f"{path} is not a valid Caffe SolverParameter prototxt: {exc}") from exc
-    return param
+    return _read_prototxt(prototxt, caffe_pb2.SolverParameter(), "solver")
 
 
 def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snapshot_prefix: str,
