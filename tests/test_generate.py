@@ -216,3 +216,16 @@ def test_cli_errors(tmp_path, trained_lenet, capsys):
     rc = main(["generate", "--model", str(DEPLOY), "--weights", str(trained_lenet), "--methods", "xyz",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown method 'xyz'" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(trained_lenet, tmp_path, capsys):
+    """`hcgen demo` (the README's main job) with a given net: LMDBs, generation, summary."""
+    from hcgen.cli import main
+
+    assert main(["demo", "--weights", str(trained_lenet), "--limit", "6", "--out", str(tmp_path),
+                 "--mnist", str(SHARED_MNIST)]) == 0
+    out = capsys.readouterr().out
+    assert "HC-S-9" in out and "records written" in out and "PASS" in out
+    summary = json.loads((tmp_path / "adversarial_lmdb" / "summary.json").read_text())
+    assert summary["source_images"] == 6 and summary["records"] > 0
+    assert read_lmdb(tmp_path / "mnist" / "mnist_test_lmdb")[1].shape == (10000, 1, 28, 28)
