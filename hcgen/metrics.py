@@ -237,7 +237,7 @@ class _Aligner:
                     self.template[i], self.input[i], eye.copy(), cv2.MOTION_HOMOGRAPHY,
                     ECC_CRITERIA, None, ECC_GAUSS_FILT_SIZE,
                 )
-                ok = bool(np.isfinite(hom).all())
+                ok = cv2.checkRange(hom)[0]  # finite; np.isfinite here costs ~20 µs a pair (measured)
             except cv2.error as exc:
                 # cv2 keeps `code` on the exception class (shared by threads); the message is per error.
                 if f"({cv2.Error.StsNoConv}:" not in str(exc):  # a real error, not ECC giving up
