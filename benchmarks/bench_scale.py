@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from hcgen.pipeline.scale import run_dask
-from hcgen.pipeline.table1 import MODELS, PROFILES, Stage, _finetune, caffemodel, run_sequential, stages
+from hcgen.pipeline.table1 import (MODELS, PROFILES, Stage, _finetune, caffemodel, run_sequential, stage_times,
+                                   stages)
 
 
 def graph(base: Path, mnist: Path, images: int, finetunes: int, iterations: int) -> dict[str, Stage]:
@@ -58,13 +59,19 @@ def main() -> None:
     prepared = run_sequential({k: prep[k] for k in ("mnist", "base1")}, root / "prep")
     base, mnist = prepared["base1"], prepared["mnist"]
     walls = {}
+    g = graph(base, mnist, args.images, args.finetunes, args.iterations)
     for workers in (1, 2):
         work = root / f"w{workers}"
         t = time.perf_counter()
-        run_dask(graph(base, mnist, args.images, args.finetunes, args.iterations), work, n_workers=workers)
+        run_dask(g, work, n_workers=workers)
         walls[workers] = time.perf_counter() - t
-        print(f"{workers} worker(s): {walls[workers]:.1f} s "
-              f"({args.finetunes} fine-tunes x {args.iterations} it + generation on {args.images} digits in 2 shards)")
+        times = stage_times(g, work)
+        busy = sum(times.values())
+        print(f"{workers} worker(s): {walls[workers]:.1f} s wall "
+              f"({args.finetunes} fine-tunes x {args.iterations} it + generation on {args.images} digits in 2 shards); "
+              f"stages ran {busy:.1f} s in total, cluster start/stop and scheduling {walls[workers] - busy / workers:.1f} s "
+              f"beyond busy/{workers}")
+        print("   " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items() if v >= 0.05))
     print(f"speed-up with 2 workers: {walls[1] / walls[2]:.2f}x (goal >= 1.8x on 2 cores)")
     shutil.rmtree(root, ignore_errors=True)
 

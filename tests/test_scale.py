@@ -57,3 +57,33 @@ def test_killed_worker_is_retried_without_duplicates(tmp_path):
     runs = (tmp_path / "runs.log").read_text().split()
     assert sorted(runs) == sorted({p.name for n, p in out.items() if not n.startswith("leaf")})
     assert states[-1]["done"] == states[-1]["total"] == 7 and states[-1]["left"] == 0
+
+
+def _timed(out: Path, *inputs: Path) -> None:
+    import time
+
+    start = time.time()
+    time.sleep(0.5)
+    (out / "ran").write_text(f"{os.getpid()} {start} {time.time()}")
+
+
+def test_independent_stages_spread_over_both_workers(tmp_path):
+    """Stages that share an input must not pile up on the worker that produced it (Dask's locality rule)."""
+    g = {"root": Stage("root", lambda out: _leaf(out, 1))}
+    g.update({f"s{i}": Stage(f"s{i}", _timed, ("root",), {"i": i}) for i in range(6)})
+    out = run_dask(g, tmp_path, n_workers=2)
+    runs = [(out[f"s{i}"] / "ran").read_text().split() for i in range(6)]
+    pids = [r[0] for r in runs]
+    assert len(set(pids)) == 2 and max(pids.count(p) for p in set(pids)) == 3
+    events = sorted([(float(r[1]), 1) for r in runs] + [(float(r[2]), -1) for r in runs])
+    busy = [sum(e for _, e in events[: k + 1]) for k in range(len(events))]
+    assert max(busy) <= 2  # at most one stage per worker thread at a time
+
+
+def test_finished_stages_are_not_resubmitted(tmp_path):
+    first = run_dask(_graph(), tmp_path, n_workers=1)
+    log = (tmp_path / "runs.log").read_text()
+    states = []
+    again = run_dask(_graph(), tmp_path, n_workers=1, progress=states.append)
+    assert again == first and (tmp_path / "runs.log").read_text() == log
+    assert states[0]["done"] == states[0]["total"] == 7 and states[0]["left"] == 0

@@ -6,8 +6,8 @@ BLAS threads, and two one-thread `caffe train` runs side by side do 109 it/s aga
 `scheduler="tcp://host:8786"` runs the same graph on an existing cluster (`dask scheduler` +
 `dask worker --nthreads 1 ...`, or dask-jobqueue), whose workers must see the same work folder.
 
-Each stage is one Dask task keyed by its folder name (its inputs' hash), depending on its inputs'
-tasks. Stages skip when their folder is complete and every stage function resumes or rewrites its
+Each stage is one Dask task keyed by its folder name (its inputs' hash), submitted once its inputs'
+tasks have finished. Stages skip when their folder is complete and every stage function resumes or rewrites its
 own folder, so a task retried after its worker died (``retries``) neither duplicates nor loses output.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from hcgen.pipeline.table1 import Stage, folders, run_stage, topological
+from hcgen.pipeline.table1 import DONE, Stage, folders, run_stage, topological
 
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -36,36 +36,68 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
              progress: Optional[Callable[[dict], None]] = None) -> dict[str, Path]:
     """Execute `graph` on Dask; returns stage -> output folder, like `table1.run_sequential`.
 
+    Stages are submitted as soon as their inputs are finished, at most one per worker thread at a
+    time (so each lands on a worker that is free, in the graph's order), each with the finished input
+    folders as arguments. Handing Dask the whole graph of futures at once was measured to be slower:
+    the scheduler placed a stage next to its inputs' (tiny) results and assigned stages before their
+    durations were known, so on 2 workers one worker ran 4 of 6 stages while the other sat idle
+    (58 s against 48 s for the same 6 stages). Stages that finished before are not resubmitted.
+
     `progress(state)` receives {"done", "running", "left", "total", "eta_s", "dashboard", "last"}
-    each time a stage finishes.
+    at the start and each time a stage finishes.
     """
     from distributed import Client, as_completed
 
     keys = folders(graph)
+    pending = topological(graph)
+    outputs: dict[str, Path] = {}
+    for name in list(pending):  # finished in an earlier run: nothing to schedule
+        if (Path(work) / keys[name] / DONE).exists():
+            outputs[name] = Path(work) / keys[name]
+            pending.remove(name)
+    total, skipped = len(graph), len(outputs)
     cluster = None if scheduler else local_cluster(n_workers)
     client = Client(scheduler or cluster)
     try:
-        futures = {}
-        for name in topological(graph):
-            stage = graph[name]
-            futures[name] = client.submit(run_stage, stage, Path(work), keys[name],
-                                          [futures[d] for d in stage.deps],
-                                          key=keys[name], pure=False, retries=retries)
-        start, done = time.monotonic(), 0
-        names = {f.key: n for n, f in futures.items()}
-        if progress:
-            progress({"done": 0, "total": len(futures), "left": len(futures), "running": 0, "eta_s": 0.0,
-                      "dashboard": client.dashboard_link, "last": ""})
-        for future in as_completed(list(futures.values())):
-            future.result()  # re-raise a stage's error here, with its traceback
-            done += 1
+        client.wait_for_workers(1)
+        running: dict = {}  # future -> stage name
+        queue = as_completed()
+
+        def submit_ready() -> None:
+            slots = max(1, sum(client.nthreads().values()))  # re-read: workers may join or leave
+            for name in list(pending):
+                if len(running) >= slots:
+                    return
+                stage = graph[name]
+                if all(d in outputs for d in stage.deps):
+                    pending.remove(name)
+                    future = client.submit(run_stage, stage, Path(work), keys[name],
+                                           [outputs[d] for d in stage.deps],
+                                           key=keys[name], pure=False, retries=retries)
+                    running[future] = name
+                    queue.add(future)
+
+        start = time.monotonic()
+
+        def report(last: str) -> None:
             if progress:
+                done = len(outputs)
+                ran = done - skipped
                 elapsed = time.monotonic() - start
-                running = sum(len(v) for v in client.processing().values())
-                progress({"done": done, "total": len(futures), "left": len(futures) - done,
-                          "running": running, "eta_s": elapsed / done * (len(futures) - done),
-                          "dashboard": client.dashboard_link, "last": names[future.key]})
-        return {name: f.result() for name, f in futures.items()}
+                progress({"done": done, "total": total, "left": total - done, "running": len(running),
+                          "eta_s": elapsed / ran * (total - done) if ran else 0.0,
+                          "dashboard": client.dashboard_link, "last": last})
+
+        submit_ready()
+        report("")
+        for future in queue:
+            name = running.pop(future)
+            outputs[name] = Path(future.result())  # re-raises a stage's error here, with its traceback
+            submit_ready()
+            report(name)
+        if pending:  # only a dependency cycle leaves stages that never become ready
+            raise RuntimeError(f"stages never became ready: {', '.join(pending)}")
+        return {name: outputs[name] for name in graph}
     finally:
         client.close()
         if cluster is not None:

@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -107,11 +109,26 @@ def run_stage(stage: Stage, work: Path, folder: str, inputs: Sequence[Path]) -> 
     if (out / DONE).exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    started, t0 = time.time(), time.perf_counter()
     stage.fn(out, *inputs)
     tmp = out / (DONE + ".tmp")
-    tmp.write_text(json.dumps({"stage": stage.name, "params": stage.params}, default=str))
+    tmp.write_text(json.dumps({"stage": stage.name, "params": stage.params, "started": started,
+                               "seconds": round(time.perf_counter() - t0, 3),
+                               "host": socket.gethostname(), "pid": os.getpid()}, default=str))
     os.replace(tmp, out / DONE)
     return out
+
+
+def stage_times(graph: dict[str, Stage], work: Path) -> dict[str, float]:
+    """Stage -> seconds its function ran, read from the finished folders' markers (absent: not run here)."""
+    times = {}
+    for name, folder in folders(graph).items():
+        marker = Path(work) / folder / DONE
+        if marker.exists():
+            seconds = json.loads(marker.read_text()).get("seconds")
+            if seconds is not None:
+                times[name] = float(seconds)
+    return times
 
 
 def folders(graph: dict[str, Stage]) -> dict[str, str]:
