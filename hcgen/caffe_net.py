@@ -360,12 +360,13 @@ def read_solver_parameter(prototxt: str | os.PathLike) -> caffe_pb2.SolverParame
 
 def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snapshot_prefix: str,
                     random_seed: int, max_iter: int | None = None, snapshot: int | None = None,
-                    sources: Mapping[str, str | os.PathLike] | None = None) -> TrainingPrototxts:
+                    sources: Mapping[str, str | os.PathLike] | None = None,
+                    test_interval: int | None = None) -> TrainingPrototxts:
     """Render `solver` and the net it names for a run whose net file will be `net_copy`.
 
     The solver's relative ``net`` is looked up beside the solver, then in the current directory. Sets
     ``net``, ``snapshot_prefix``, ``random_seed``, ``snapshot_after_train: true``, binary snapshots,
-    and `max_iter` / `snapshot` when given. `sources` maps a phase ("TRAIN" / "TEST") to the LMDB its
+    and `max_iter` / `snapshot` / `test_interval` when given. `sources` maps a phase ("TRAIN" / "TEST") to the LMDB its
     Data layer reads; sources not replaced are made absolute relative to the current directory, as
     Caffe resolves them.
     """
@@ -411,6 +412,8 @@ def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snap
         param.max_iter = max_iter
     if snapshot is not None:
         param.snapshot = snapshot
+    if test_interval is not None:
+        param.test_interval = test_interval
     if param.max_iter <= 0:
         raise ValueError(f"{solver} sets no max_iter; give the number of iterations")
     return TrainingPrototxts(text_format.MessageToString(param), text_format.MessageToString(net),

@@ -135,3 +135,45 @@ def test_numpy2_datum_round_trip():
     back = caffe.io.datum_to_array(datum)
     np.testing.assert_array_equal(back, arr)
     back[0, 0, 0] = 99  # a writable copy, as before numpy 2
+
+
+def _max_pool_reference(x: np.ndarray, k: int, s: int, p: int, out_hw: tuple[int, int]):
+    """Caffe's MAX pooling, written out: windows clipped to the image, start at -FLT_MAX and index -1,
+    take a value only if strictly greater, rows then columns (ties keep the first, NaN never wins)."""
+    n, c, h, w = x.shape
+    top = np.full((n, c) + out_hw, -np.finfo(np.float32).max, np.float32)
+    mask = np.full((n, c) + out_hw, -1.0, np.float32)
+    for ph in range(out_hw[0]):
+        for pw in range(out_hw[1]):
+            h0, w0 = ph * s - p, pw * s - p
+            for i in range(n):
+                for j in range(c):
+                    for hh in range(max(h0, 0), min(h0 + k, h)):
+                        for ww in range(max(w0, 0), min(w0 + k, w)):
+                            if x[i, j, hh, ww] > top[i, j, ph, pw]:
+                                top[i, j, ph, pw], mask[i, j, ph, pw] = x[i, j, hh, ww], hh * w + ww
+    return top, mask
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])
+def test_max_pooling_forward_equals_the_reference_loop(tmp_path, kernel, stride, pad):
+    """patches/0005 rewrote the CPU max-pool loop for speed: outputs and argmax mask must be unchanged,
+    with ties, NaN, -inf and windows hanging over the padded border."""
+    proto = tmp_path / "pool.prototxt"
+    proto.write_text(f"""
+name: "pool"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 3 dim: 7 dim: 9 }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+        pooling_param {{ pool: MAX kernel_size: {kernel} stride: {stride} pad: {pad} }} }}
+""")
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(kernel * 10 + stride + pad)
+    x = rng.integers(-3, 4, size=(2, 3, 7, 9)).astype(np.float32)  # small integers: many ties
+    x[0, 0, 1, 2], x[0, 1, 3, 3], x[1, 2] = np.nan, -np.inf, -np.inf
+    x[1, 1, :3, :3] = np.nan
+    net.blobs["data"].data[...] = x
+    net.forward()
+    top, mask = _max_pool_reference(x, kernel, stride, pad, net.blobs["pool"].data.shape[2:])
+    np.testing.assert_array_equal(net.blobs["pool"].data, top)
+    np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    assert (mask == -1).any() and (top == -np.finfo(np.float32).max).any()  # an all -inf/NaN window

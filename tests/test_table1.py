@@ -78,3 +78,42 @@ def test_rerun_skips_finished_stages(tiny_run):
     for stage in again.values():
         stage.fn = must_not_run
     assert table1.run_sequential(again, work) == outputs
+
+
+def _estimator():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "estimate_table1.py"
+    spec = importlib.util.spec_from_file_location("estimate_table1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_markers_time_each_stage(tiny_run):
+    _, graph, work, outputs, _ = tiny_run
+    times = table1.stage_times(graph, work)
+    assert set(times) == set(graph)
+    assert times["base1"] > 0.5 and times["ft-FGS-net1-order1"] > 0.5  # caffe train runs take seconds
+    marker = json.loads((outputs["base1"] / ".stage.json").read_text())
+    assert marker["stage"] == "base1" and marker["seconds"] == times["base1"] and marker["pid"] > 0
+
+
+def test_estimate_replays_the_measured_run(tiny_run):
+    """Estimating a profile from its own run: one worker takes exactly the measured stage time; two
+    workers take at least half of it and at least the longest chain of stages."""
+    est = _estimator()
+    profile, graph, work, _, _ = tiny_run
+    rates = est.measured_rates(work, profile)
+    assert {"training iterations", "searches", "mixed records", "evaluated images"} <= set(rates)
+    durations = {n: rates[est.work_units(n, s.params, profile)[0]][0] * est.work_units(n, s.params, profile)[1]
+                 for n, s in graph.items()}
+    measured = sum(table1.stage_times(graph, work).values())
+    deps = {n: tuple(s.deps) for n, s in graph.items()}
+    order = table1.topological(graph)
+    assert est.simulate(durations, deps, order, 1) == pytest.approx(measured, rel=1e-9)
+    two = est.simulate(durations, deps, order, 2)
+    chain = durations["base1"] + durations["gen-train1"] + durations["mix-FGS-net1-order1"] + \
+        durations["ft-FGS-net1-order1"] + durations["eval-FGS-net1-order1"]
+    assert max(measured / 2, chain) - 1e-9 <= two < measured

@@ -87,6 +87,15 @@ def test_progress_reports_losses_rates_and_tests(trained):
     assert result.tests[0] == (0, tests[0].test)
 
 
+def test_test_every_changes_the_test_phases_not_the_weights(trained, data, tmp_path):
+    result = train(data["solver"], tmp_path, seed=1, train_lmdb=data["train"], test_lmdb=data["test"],
+                   iterations=300, test_every=100)
+    assert [it for it, _ in result.tests] == [0, 100, 200, 300]
+    assert [it for it, _ in trained[0].tests] == [0]  # the solver's test_interval: 500
+    assert result.caffemodel.read_bytes() == trained[0].caffemodel.read_bytes()
+    assert "test_interval: 100\n" in (tmp_path / "solver.prototxt").read_text()
+
+
 def test_seed_changes_the_initialization(trained, data, tmp_path):
     other = train(data["solver"], tmp_path, seed=2, train_lmdb=data["train"], test_lmdb=data["test"], iterations=1)
     assert other.losses[0][1] != trained[0].losses[0][1]  # iteration 0: same batch, other random weights
@@ -169,6 +178,8 @@ def test_user_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="iterations must be positive"):
         train(data["solver"], tmp_path / "e", seed=1, train_lmdb=data["train"], test_lmdb=data["test"],
               iterations=0)
+    with pytest.raises(ValueError, match="test_every must be positive, got -5"):
+        train(data["solver"], tmp_path / "e", test_every=-5, **kwargs)
     with pytest.raises(ValueError, match="training and test LMDB are both .*hangs opening one LMDB twice"):
         train(data["solver"], tmp_path / "g", seed=1, train_lmdb=data["test"], test_lmdb=data["test"], iterations=1)
     with pytest.raises(RuntimeError, match="cannot run .*no-such-caffe"):

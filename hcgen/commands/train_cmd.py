@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test", metavar="LMDB", help="test LMDB (default: the net's TEST Data source)")
     p.add_argument("--iterations", type=int, metavar="N", help="max_iter (default: the solver's)")
     p.add_argument("--snapshot-every", type=int, metavar="N", help="snapshot interval (default: the solver's)")
+    p.add_argument("--test-every", type=int, metavar="N",
+                   help="test-phase interval (default: the solver's); tests only report, the weights do not change")
     p.add_argument("--blas-threads", type=int, default=1, metavar="N",
                    help="OPENBLAS_NUM_THREADS for caffe (default: 1, the fastest for LeNet on CPU; 0: inherit)")
     p.set_defaults(func=run_train)
@@ -87,6 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
         result = training.train(
             args.solver, args.out, weights=args.weights, seed=args.seed, train_lmdb=args.train,
             test_lmdb=args.test, iterations=args.iterations, snapshot_every=args.snapshot_every,
+            test_every=args.test_every,
             blas_threads=args.blas_threads or None, progress=progress)
     except KeyboardInterrupt:
         result = None

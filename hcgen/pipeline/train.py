@@ -153,14 +153,15 @@ def _check_lmdb(path: str, role: str, option: str) -> None:
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
           seed: int | None = None, train_lmdb: str | os.PathLike | None = None,
           test_lmdb: str | os.PathLike | None = None, iterations: int | None = None,
-          snapshot_every: int | None = None, blas_threads: int | None = 1,
+          snapshot_every: int | None = None, test_every: int | None = None, blas_threads: int | None = 1,
           progress: Callable[[TrainProgress], None] | None = None,
           executable: str | None = None) -> TrainResult:
     """Train (or, with `weights`, fine-tune) the net of `solver` with ``caffe train``; results in `out`.
 
     `seed` becomes the solver's ``random_seed``; None reuses the seed of an earlier run in `out`, or
-    draws a fresh one (reported in the result). `iterations` and `snapshot_every` override ``max_iter``
-    and ``snapshot``. `blas_threads` sets OPENBLAS_NUM_THREADS for the subprocess (None: inherit).
+    draws a fresh one (reported in the result). `iterations`, `snapshot_every` and `test_every`
+    override ``max_iter``, ``snapshot`` and ``test_interval``. The test phases only report: the weights
+    are the same whatever `test_every` is (tested), and Table 1 tests at the start and end only. `blas_threads` sets OPENBLAS_NUM_THREADS for the subprocess (None: inherit).
     Raises FileNotFoundError for a missing solver, net, weights or LMDB, ValueError when `out` holds
     snapshots of a run with other settings, and RuntimeError (with the end of the log) when
     ``caffe train`` fails.
@@ -174,7 +175,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     weights_path = Path(weights).absolute() if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise FileNotFoundError(f"weights not found: {weights} (the base net's .caffemodel to fine-tune)")
-    for name, value in (("iterations", iterations), ("snapshot_every", snapshot_every)):
+    for name, value in (("iterations", iterations), ("snapshot_every", snapshot_every), ("test_every", test_every)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if seed is None and (out / SOLVER_FILE).is_file():
@@ -185,7 +186,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     prefix = out / (Path(reference.snapshot_prefix).name or "net")
     rendered = caffe_net.render_training(
         solver_path, out / NET_FILE, str(prefix), seed, iterations, snapshot_every,
-        {"TRAIN": train_lmdb, "TEST": test_lmdb})
+        {"TRAIN": train_lmdb, "TEST": test_lmdb}, test_every)
     for phase, option in (("TRAIN", "--train"), ("TEST", "--test")):
         if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter, no test net
             _check_lmdb(rendered.sources[phase], "training" if phase == "TRAIN" else "test", option)

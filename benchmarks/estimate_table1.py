@@ -1,0 +1,134 @@
+"""Extrapolate a Table 1 profile's wall time from the stage times of a run that finished here.
+
+    .venv/bin/python benchmarks/estimate_table1.py --work work/table1-dask [--measured quick] \\
+        [--target full] [--workers 1 2]
+
+Every finished stage records how long its function ran (`seconds` in its `.stage.json`). This script
+reads those of a finished run of the `--measured` profile, turns each kind of stage into a rate per
+unit of work, scales the `--target` profile's stages by their sizes, and replays the target graph
+with `--workers` workers under run_dask's policy (stages in graph order, each started as soon as its
+inputs are done and a worker is free). It prints the rates, the busiest kinds and the estimates.
+
+Kinds and units: training (base nets and fine-tunes: iterations), generation (source digits x
+directions), mixing (records written), evaluation (images), InfiMNIST-style deformation (images),
+held-out assembly (records), MNIST conversion (once). Rates include each stage's fixed costs
+(process start, Caffe's test at the start and end of a fine-tune), so scaling a short measured
+stage up slightly overestimates. Stages of a run with N workers ran beside N - 1 others, so their
+rates already include the slowdown of sharing the machine: estimate for the worker count you measured
+with, or expect the others to be a few percent off.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from hcgen.pipeline.generate import parse_methods, parse_scales
+from hcgen.pipeline.table1 import DONE, HELDOUT_TYPES, PROFILES, Profile, stages, topological
+
+MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
+
+
+def work_units(name: str, params: dict, p: Profile) -> tuple[str, float]:
+    """(kind, size) of one stage of profile `p`; the size is an estimate of what the stage processes."""
+    if name == "mnist":
+        return "mnist conversion", 1
+    if name == "infimnist":
+        return "InfiMNIST-style images", params["count"]
+    if name.startswith(("base", "ft-")):
+        return "training iterations", params["iterations"]
+    if name.startswith("gen-"):
+        sources = params["limit"] or (MNIST_TRAIN if params["split"] == "train" else MNIST_TEST)
+        return "searches", sources * len(parse_methods(params["methods"]))
+    if name == "heldout":
+        return "held-out records", len(HELDOUT_TYPES) * params["per_type"]
+    if name.startswith("mix-"):
+        if params["methods"] is None:  # the InfiMNIST-style row
+            return "mixed records", MNIST_TRAIN + p.infimnist_count
+        generated = (p.train_images or MNIST_TRAIN) * len(params["methods"])
+        if params["min_pass"] is not None:  # a PASS bin: HC-D at both scales, split over the bins
+            generated = generated * 2 / len(p.pass_bins)
+        return "mixed records", MNIST_TRAIN + generated
+    if name.startswith("eval-"):
+        return "evaluated images", MNIST_TEST + len(HELDOUT_TYPES) * p.heldout_per_type
+    raise ValueError(f"unknown stage {name}")
+
+
+def measured_rates(work: Path, profile: Profile) -> dict[str, tuple[float, float, int]]:
+    """kind -> (seconds per unit, total seconds, stages) over every finished stage in `work` that
+    recorded its time (a run of `profile`, whose sizes the stages' own parameters do not all give)."""
+    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for marker in sorted(work.glob(f"*/{DONE}")):
+        info = json.loads(marker.read_text())
+        if info.get("seconds") is None:
+            continue
+        kind, size = work_units(info["stage"], info["params"], profile)
+        seconds[kind] += info["seconds"]
+        units[kind] += size
+        count[kind] += 1
+    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds}
+
+
+def simulate(durations: dict[str, float], deps: dict[str, tuple], order: list[str], workers: int) -> float:
+    """Wall time of run_dask's policy: in graph order, start every ready stage while a worker is free."""
+    pending, done, running, now, free = list(order), set(), [], 0.0, workers
+    while pending or running:
+        for name in list(pending):
+            if free == 0:
+                break
+            if all(d in done for d in deps[name]):
+                pending.remove(name)
+                heapq.heappush(running, (now + durations[name], name))
+                free -= 1
+        if not running:
+            raise RuntimeError(f"stages never become ready: {pending}")
+        now, name = heapq.heappop(running)
+        done.add(name)
+        free += 1
+    return now
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="work folder of the finished, measured run")
+    ap.add_argument("--measured", default="quick", choices=sorted(PROFILES), help="profile that ran in --work")
+    ap.add_argument("--target", default="full", choices=sorted(PROFILES), help="profile to estimate")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    work = args.work / args.measured if (args.work / args.measured).is_dir() else args.work
+    rates = measured_rates(work, PROFILES[args.measured])
+    if not rates:
+        raise SystemExit(f"no finished stages with recorded times for profile {args.measured} in {work}")
+    target = PROFILES[args.target]
+    graph = stages(target)
+    durations, by_kind = {}, defaultdict(float)
+    missing = set()
+    for name, stage in graph.items():
+        kind, size = work_units(name, stage.params, target)
+        if kind not in rates:
+            missing.add(kind)
+            continue
+        durations[name] = rates[kind][0] * size
+        by_kind[kind] += durations[name]
+    if missing:
+        raise SystemExit(f"the measured run has no finished stage of kind: {', '.join(sorted(missing))}")
+    print(f"rates measured in {work} ({args.measured} profile):")
+    for kind, (rate, total, n) in sorted(rates.items()):
+        per = f"{1 / rate:,.1f} per s" if rate > 0 else "-"
+        print(f"  {kind:24s} {per:>16s}  ({n} stages, {total:,.0f} s)")
+    total = sum(durations.values())
+    print(f"\n{args.target} profile: {len(graph)} stages, {total / 3600:.1f} h of stage time:")
+    for kind, s in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:24s} {s / 3600:6.2f} h  ({s / total:.0%})")
+    deps = {name: tuple(stage.deps) for name, stage in graph.items()}
+    for w in args.workers:
+        wall = simulate(durations, deps, topological(graph), w)
+        print(f"estimated wall time with {w} worker(s): {wall / 3600:.1f} h  (extrapolated, not measured)")
+
+
+if __name__ == "__main__":
+    main()
