@@ -27,36 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.pipeline.generate import parse_methods, parse_scales
-from hcgen.pipeline.table1 import DONE, HELDOUT_TYPES, PROFILES, Profile, stages, topological
-
-MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
-
-
-def work_units(name: str, params: dict, p: Profile) -> tuple[str, float]:
-    """(kind, size) of one stage of profile `p`; the size is an estimate of what the stage processes."""
-    if name == "mnist":
-        return "mnist conversion", 1
-    if name == "infimnist":
-        return "InfiMNIST-style images", params["count"]
-    if name.startswith(("base", "ft-")):
-        return "training iterations", params["iterations"]
-    if name.startswith("gen-"):
-        sources = params["limit"] or (MNIST_TRAIN if params["split"] == "train" else MNIST_TEST)
-        return "searches", sources * len(parse_methods(params["methods"]))
-    if name == "heldout":
-        return "held-out records", len(HELDOUT_TYPES) * params["per_type"]
-    if name.startswith("mix-"):
-        if params["methods"] is None:  # the InfiMNIST-style row
-            return "mixed records", MNIST_TRAIN + p.infimnist_count
-        generated = (p.train_images or MNIST_TRAIN) * len(params["methods"])
-        if params["min_pass"] is not None:  # a PASS bin: HC-D at both scales, split over the bins
-            generated = generated * 2 / len(p.pass_bins)
-        return "mixed records", MNIST_TRAIN + generated
-    if name.startswith("eval-"):
-        return "evaluated images", MNIST_TEST + len(HELDOUT_TYPES) * p.heldout_per_type
-    raise ValueError(f"unknown stage {name}")
-
+from hcgen.pipeline.table1 import DONE, PROFILES, Profile, stage_work, stages, topological
 
 def measured_rates(work: Path, profile: Profile) -> dict[str, tuple[float, float, int]]:
     """kind -> (seconds per unit, total seconds, stages) over every finished stage in `work` that
@@ -66,7 +37,7 @@ def measured_rates(work: Path, profile: Profile) -> dict[str, tuple[float, float
         info = json.loads(marker.read_text())
         if info.get("seconds") is None:
             continue
-        kind, size = work_units(info["stage"], info["params"], profile)
+        kind, size = stage_work(info["stage"], info["params"], profile)
         seconds[kind] += info["seconds"]
         units[kind] += size
         count[kind] += 1
@@ -108,7 +79,7 @@ def main() -> None:
     durations, by_kind = {}, defaultdict(float)
     missing = set()
     for name, stage in graph.items():
-        kind, size = work_units(name, stage.params, target)
+        kind, size = stage_work(name, stage.params, target)
         if kind not in rates:
             missing.add(kind)
             continue

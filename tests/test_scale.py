@@ -87,3 +87,19 @@ def test_finished_stages_are_not_resubmitted(tmp_path):
     again = run_dask(_graph(), tmp_path, n_workers=1, progress=states.append)
     assert again == first and (tmp_path / "runs.log").read_text() == log
     assert states[0]["done"] == states[0]["total"] == 7 and states[0]["left"] == 0
+
+
+def test_live_view_ticks_and_weighs_the_eta(tmp_path):
+    g = {"root": Stage("root", lambda out: _leaf(out, 1))}
+    g.update({f"s{i}": Stage(f"s{i}", _timed, ("root",), {"i": i}) for i in range(2)})
+    states = []
+    run_dask(g, tmp_path, n_workers=1, progress=states.append, weights={"root": 1, "s0": 1, "s1": 3},
+             refresh_s=0.1)
+    assert states[0]["done"] == 0 and states[0]["eta_s"] is None
+    root = next(s for s in states if s["last"] == "root")
+    assert root["eta_s"] == pytest.approx(root["elapsed_s"] * (1 + 3) / 1)  # work left / work done
+    s0 = next(s for s in states if s["last"] == "s0")
+    assert s0["eta_s"] == pytest.approx(s0["elapsed_s"] * 3 / 2)
+    ticks = [s for s in states if not s["last"] and s["done"] > 0]
+    assert any(s["running_names"] == ["s0"] and s["running"] == 1 for s in ticks)  # between finishes
+    assert states[-1]["left"] == 0 and states[-1]["eta_s"] == 0

@@ -107,7 +107,7 @@ def test_estimate_replays_the_measured_run(tiny_run):
     profile, graph, work, _, _ = tiny_run
     rates = est.measured_rates(work, profile)
     assert {"training iterations", "searches", "mixed records", "evaluated images"} <= set(rates)
-    durations = {n: rates[est.work_units(n, s.params, profile)[0]][0] * est.work_units(n, s.params, profile)[1]
+    durations = {n: rates[table1.stage_work(n, s.params, profile)[0]][0] * table1.stage_work(n, s.params, profile)[1]
                  for n, s in graph.items()}
     measured = sum(table1.stage_times(graph, work).values())
     deps = {n: tuple(s.deps) for n, s in graph.items()}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
-    from hcgen.pipeline.table1 import PROFILES, run_sequential, stages
+    from hcgen.pipeline.table1 import PROFILES, expected_seconds, run_sequential, stages
 
     profile = PROFILES[args.profile]
     work = Path(args.work) / profile.name
@@ -49,16 +51,26 @@ def run(args: argparse.Namespace) -> int:
     if args.dask or args.scheduler:
         from hcgen.pipeline.scale import run_dask
 
+        tty = sys.stdout.isatty()
+        shown = []
+
         def live(state: dict) -> None:
-            if state["done"] == 0:
+            if not shown:
+                shown.append(True)
                 print(f"Dask dashboard: {state['dashboard']}", flush=True)
-                return
-            print(f"\r[{time.time() - start:7.0f} s] stages done {state['done']}/{state['total']}, running "
-                  f"{state['running']}, left {state['left']}, ETA {state['eta_s'] / 60:5.1f} min "
-                  f"(last: {state['last']})", end="", flush=True)
+            eta = "?" if state["eta_s"] is None else f"{state['eta_s'] / 60:.1f} min"
+            running = ", ".join(state["running_names"]) or "-"
+            line = (f"[{state['elapsed_s']:7.0f} s] done {state['done']}/{state['total']}, left {state['left']}, "
+                    f"ETA {eta}; running {state['running']}: {running}")
+            width = shutil.get_terminal_size().columns - 1
+            if state["last"]:  # one line per finished stage (also in logs)
+                print(f"\r{line} | finished {state['last']}".ljust(width if tty else 0), flush=True)
+            elif tty:  # in between, a status line that overwrites itself
+                print(f"\r{line[:width]}".ljust(width), end="", flush=True)
 
         print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
-        outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live)
+        outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live,
+                           weights=expected_seconds(graph, profile))
         print()
     else:
         outputs = run_sequential(graph, work, progress)

@@ -33,7 +33,8 @@ def local_cluster(n_workers: Optional[int] = None):
 
 def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = None,
              n_workers: Optional[int] = None, retries: int = 2,
-             progress: Optional[Callable[[dict], None]] = None) -> dict[str, Path]:
+             progress: Optional[Callable[[dict], None]] = None,
+             weights: Optional[dict[str, float]] = None, refresh_s: float = 2.0) -> dict[str, Path]:
     """Execute `graph` on Dask; returns stage -> output folder, like `table1.run_sequential`.
 
     Stages are submitted as soon as their inputs are finished, at most one per worker thread at a
@@ -43,8 +44,10 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
     durations were known, so on 2 workers one worker ran 4 of 6 stages while the other sat idle
     (58 s against 48 s for the same 6 stages). Stages that finished before are not resubmitted.
 
-    `progress(state)` receives {"done", "running", "left", "total", "eta_s", "dashboard", "last"}
-    at the start and each time a stage finishes.
+    `progress(state)` receives {"done", "running", "running_names", "left", "total", "elapsed_s",
+    "eta_s", "dashboard", "last"} at the start, each time a stage finishes ("last" names it) and every
+    `refresh_s` seconds in between ("last" empty). The ETA is elapsed time x work left / work done,
+    with each stage's work from `weights` (e.g. its expected seconds; default: 1 per stage).
     """
     from distributed import Client, as_completed
 
@@ -78,23 +81,36 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
                     queue.add(future)
 
         start = time.monotonic()
+        weight = {name: (weights or {}).get(name, 1.0) for name in graph}
+        skipped_work = sum(weight[n] for n in outputs)
 
         def report(last: str) -> None:
             if progress:
                 done = len(outputs)
-                ran = done - skipped
+                work_done = sum(weight[n] for n in outputs) - skipped_work
+                work_left = sum(weight[n] for n in graph if n not in outputs)
                 elapsed = time.monotonic() - start
                 progress({"done": done, "total": total, "left": total - done, "running": len(running),
-                          "eta_s": elapsed / ran * (total - done) if ran else 0.0,
+                          "running_names": sorted(running.values()), "elapsed_s": elapsed,
+                          "eta_s": elapsed * work_left / work_done if work_done > 0 else None,
                           "dashboard": client.dashboard_link, "last": last})
 
         submit_ready()
         report("")
-        for future in queue:
-            name = running.pop(future)
-            outputs[name] = Path(future.result())  # re-raises a stage's error here, with its traceback
-            submit_ready()
-            report(name)
+        last_report = time.monotonic()
+        while not queue.is_empty():
+            if not queue.has_ready():
+                time.sleep(0.1)
+                if progress and time.monotonic() - last_report >= refresh_s:
+                    report("")
+                    last_report = time.monotonic()
+                continue
+            for future in queue.next_batch(block=False):
+                name = running.pop(future)
+                outputs[name] = Path(future.result())  # re-raises a stage's error here, with its traceback
+                submit_ready()
+                report(name)
+                last_report = time.monotonic()
         if pending:  # only a dependency cycle leaves stages that never become ready
             raise RuntimeError(f"stages never became ready: {', '.join(pending)}")
         return {name: outputs[name] for name in graph}

@@ -280,6 +280,54 @@ def _evaluate(out: Path, net: Path, mnist: Path, heldout: Path) -> None:
     (out / "errors.json").write_text(json.dumps([r.as_dict() for r in results], indent=1))
 
 
+MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
+# Seconds per unit of each kind of stage, measured here (2 GHz EPYC, 2 single-threaded Dask workers
+# side by side, `hcgen table1 --profile quick --dask`; benchmarks/estimate_table1.py prints them for
+# any finished run). Only the live view's ETA uses them, as relative weights.
+SECONDS_PER_UNIT = {
+    "mnist conversion": 2.0, "InfiMNIST-style images": 6e-5, "training iterations": 0.05,
+    "searches": 0.008, "held-out records": 1e-4, "mixed records": 4e-5, "evaluated images": 3e-4,
+}
+
+
+def stage_work(name: str, params: dict, p: Profile) -> tuple[str, float]:
+    """(kind, size) of a stage of profile `p`, from its name and parameters: training iterations,
+    searches (source digits x directions), records mixed or assembled, images evaluated or deformed.
+    Generated counts assume every search succeeds (99.9% did on LeNet)."""
+    from hcgen.pipeline.generate import parse_methods
+
+    if name == "mnist":
+        return "mnist conversion", 1
+    if name == "infimnist":
+        return "InfiMNIST-style images", params["count"]
+    if name.startswith(("base", "ft-")):
+        return "training iterations", params["iterations"]
+    if name.startswith("gen-"):
+        sources = params["limit"] or (MNIST_TRAIN if params["split"] == "train" else MNIST_TEST)
+        return "searches", sources * len(parse_methods(params["methods"]))
+    if name == "heldout":
+        return "held-out records", len(HELDOUT_TYPES) * params["per_type"]
+    if name.startswith("mix-"):
+        if params["methods"] is None:  # the InfiMNIST-style row
+            return "mixed records", MNIST_TRAIN + p.infimnist_count
+        generated = (p.train_images or MNIST_TRAIN) * len(params["methods"])
+        if params["min_pass"] is not None:  # a PASS bin: HC-D at both scales, split over the bins
+            generated = generated * 2 / len(p.pass_bins)
+        return "mixed records", MNIST_TRAIN + generated
+    if name.startswith("eval-"):
+        return "evaluated images", MNIST_TEST + len(HELDOUT_TYPES) * p.heldout_per_type
+    raise ValueError(f"unknown stage {name}")
+
+
+def expected_seconds(graph: dict[str, "Stage"], profile: Profile) -> dict[str, float]:
+    """Stage -> a rough duration on one worker here (SECONDS_PER_UNIT x size): ETA weights."""
+    out = {}
+    for name, stage in graph.items():
+        kind, size = stage_work(name, stage.params, profile)
+        out[name] = SECONDS_PER_UNIT[kind] * size
+    return out
+
+
 def stages(profile: Profile, mnist_source: Optional[str] = None) -> dict[str, Stage]:
     """The protocol's stage graph for `profile` (see the module docstring)."""
     p = profile
