@@ -130,7 +130,13 @@ def _check_pair(original, candidate, batch: bool) -> tuple[np.ndarray, np.ndarra
 
 
 def _n_workers(n_jobs: int | None) -> int:
+    """Threads for ECC: `n_jobs`, else $HCGEN_THREADS (a Dask worker sets 1: one core each), else all cores."""
     if n_jobs is None:
+        env = os.environ.get("HCGEN_THREADS", "").strip()
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"HCGEN_THREADS must be a positive integer; got {env!r}")
+            return int(env)
         return len(os.sched_getaffinity(0))
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
         raise ValueError(f"n_jobs must be a positive integer or None (all available cores); got {n_jobs!r}")

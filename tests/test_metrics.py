@@ -325,3 +325,32 @@ def test_batch_input_errors(originals, candidates, kwargs, match):
         for f in (ssim_batch, align_ecc_batch, perturbation_norms, pass_report):
             with pytest.raises(ValueError, match=match):
                 f(originals, candidates)
+
+
+def test_hcgen_threads_sets_the_default_thread_count(monkeypatch):
+    """A single-threaded Dask worker (HCGEN_THREADS=1) must not run 2 ECC threads beside another worker."""
+    from concurrent import futures
+
+    from hcgen import metrics
+
+    started = []
+    real = futures.ThreadPoolExecutor
+
+    def spy(max_workers=None, **kw):
+        started.append(max_workers)
+        return real(max_workers=max_workers, **kw)
+
+    monkeypatch.setattr(metrics, "ThreadPoolExecutor", spy)
+    x = np.zeros((600, 28, 28), np.uint8)
+    x[:, 8:20, 8:20] = 200
+    monkeypatch.setenv("HCGEN_THREADS", "1")
+    one, ok1 = pass_scores(x, x)
+    assert started == []  # one thread: no pool at all
+    monkeypatch.setenv("HCGEN_THREADS", "2")
+    two, ok2 = pass_scores(x, x)
+    assert started == [2] and np.array_equal(one, two) and np.array_equal(ok1, ok2)
+    assert pass_scores(x, x, n_jobs=1)[0].tolist() == one.tolist() and started == [2]  # n_jobs wins
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("HCGEN_THREADS", bad)
+        with pytest.raises(ValueError, match="HCGEN_THREADS must be a positive integer"):
+            pass_scores(x, x)

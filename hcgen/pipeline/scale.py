@@ -19,7 +19,8 @@ from typing import Callable, Optional
 
 from hcgen.pipeline.table1 import DONE, Stage, folders, run_stage, topological
 
-WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+# One core per worker: BLAS, OpenMP and hcgen's own PASS threads (metrics._n_workers) all single.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HCGEN_THREADS": "1"}
 
 
 def local_cluster(n_workers: Optional[int] = None):

@@ -285,8 +285,8 @@ MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
 # side by side, `hcgen table1 --profile quick --dask`; benchmarks/estimate_table1.py prints them for
 # any finished run). Only the live view's ETA uses them, as relative weights.
 SECONDS_PER_UNIT = {
-    "mnist conversion": 2.0, "InfiMNIST-style images": 6e-5, "training iterations": 0.05,
-    "searches": 0.008, "held-out records": 1e-4, "mixed records": 4e-5, "evaluated images": 3e-4,
+    "mnist conversion": 0.8, "InfiMNIST-style images": 6.2e-5, "training iterations": 0.050,
+    "searches": 0.006, "held-out records": 9e-5, "mixed records": 2.5e-5, "evaluated images": 3.0e-4,
 }
 
 
