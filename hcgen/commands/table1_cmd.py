@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
         "net per row and ordering, evaluate on MNIST and a held-out adversarial set, and write "
         "results/table1.md and the figures beside the paper's numbers. Every stage is kept in --work "
         "under a name keyed by its inputs: rerunning skips finished stages, so a run can span restarts. "
-        "Profiles: quick (1 base net, 1 ordering, small subsets; under 45 minutes on 2 cores), full "
-        "(the paper's protocol; many hours), tiny (seconds; for tests).",
+        "Profiles: quick (1 base net, 1 ordering, small subsets; ~40 minutes on 2 cores, ~22 with --dask), "
+        "full (the paper's protocol; ~14 hours on 2 cores with --dask), tiny (seconds; for tests).",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="protocol size (default quick)")
     p.add_argument("--work", default="work/table1", help="stage outputs (default work/table1)")
