@@ -20,47 +20,12 @@ with, or expect the others to be a few percent off.
 from __future__ import annotations
 
 import argparse
-import heapq
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.pipeline.table1 import DONE, PROFILES, Profile, stage_work, stages, topological
-
-def measured_rates(work: Path, profile: Profile) -> dict[str, tuple[float, float, int]]:
-    """kind -> (seconds per unit, total seconds, stages) over every finished stage in `work` that
-    recorded its time (a run of `profile`, whose sizes the stages' own parameters do not all give)."""
-    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
-    for marker in sorted(work.glob(f"*/{DONE}")):
-        info = json.loads(marker.read_text())
-        if info.get("seconds") is None:
-            continue
-        kind, size = stage_work(info["stage"], info["params"], profile)
-        seconds[kind] += info["seconds"]
-        units[kind] += size
-        count[kind] += 1
-    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds}
-
-
-def simulate(durations: dict[str, float], deps: dict[str, tuple], order: list[str], workers: int) -> float:
-    """Wall time of run_dask's policy: in graph order, start every ready stage while a worker is free."""
-    pending, done, running, now, free = list(order), set(), [], 0.0, workers
-    while pending or running:
-        for name in list(pending):
-            if free == 0:
-                break
-            if all(d in done for d in deps[name]):
-                pending.remove(name)
-                heapq.heappush(running, (now + durations[name], name))
-                free -= 1
-        if not running:
-            raise RuntimeError(f"stages never become ready: {pending}")
-        now, name = heapq.heappop(running)
-        done.add(name)
-        free += 1
-    return now
+from hcgen.pipeline.table1 import PROFILES, measured_rates, simulate, stage_work, stages, topological
 
 
 def main() -> None:

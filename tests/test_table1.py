@@ -103,17 +103,48 @@ def test_stage_markers_time_each_stage(tiny_run):
 def test_estimate_replays_the_measured_run(tiny_run):
     """Estimating a profile from its own run: one worker takes exactly the measured stage time; two
     workers take at least half of it and at least the longest chain of stages."""
-    est = _estimator()
     profile, graph, work, _, _ = tiny_run
-    rates = est.measured_rates(work, profile)
+    rates = table1.measured_rates(work, profile)
     assert {"training iterations", "searches", "mixed records", "evaluated images"} <= set(rates)
     durations = {n: rates[table1.stage_work(n, s.params, profile)[0]][0] * table1.stage_work(n, s.params, profile)[1]
                  for n, s in graph.items()}
     measured = sum(table1.stage_times(graph, work).values())
     deps = {n: tuple(s.deps) for n, s in graph.items()}
     order = table1.topological(graph)
-    assert est.simulate(durations, deps, order, 1) == pytest.approx(measured, rel=1e-9)
-    two = est.simulate(durations, deps, order, 2)
+    assert table1.simulate(durations, deps, order, 1) == pytest.approx(measured, rel=1e-9)
+    two = table1.simulate(durations, deps, order, 2)
     chain = durations["base1"] + durations["gen-train1"] + durations["mix-FGS-net1-order1"] + \
         durations["ft-FGS-net1-order1"] + durations["eval-FGS-net1-order1"]
     assert max(measured / 2, chain) - 1e-9 <= two < measured
+    left, wall, calibrated = table1.estimate(graph, profile, work, 2)
+    assert (left, wall, calibrated) == (0.0, 0.0, True)  # everything finished: nothing left
+
+
+def test_estimate_script_prints_the_target_profile(tiny_run, capsys, monkeypatch):
+    _, _, work, _, _ = tiny_run
+    est = _estimator()
+    monkeypatch.setattr("sys.argv", ["estimate_table1.py", "--work", str(work), "--measured", "tiny",
+                                     "--target", "tiny", "--workers", "1", "2"])
+    est.main()
+    out = capsys.readouterr().out
+    assert "training iterations" in out and "estimated wall time with 2 worker(s)" in out
+    monkeypatch.setattr("sys.argv", ["estimate_table1.py", "--work", str(work), "--target", "quick"])
+    with pytest.raises(SystemExit, match="no finished stage of kind: InfiMNIST-style images"):
+        est.main()  # the tiny profile has no InfiMNIST row: its rate was never measured
+
+
+def test_cli_estimate_prints_and_runs_nothing(tiny_run, tmp_path, capsys):
+    from hcgen.cli import main
+
+    _, _, work, _, _ = tiny_run
+    assert main(["table1", "--profile", "full", "--work", str(tmp_path), "--dask", "--workers", "2",
+                 "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("expected: ~") and "with 2 workers" in out and "2-core 2 GHz EPYC" in out
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+    (tmp_path / "tiny").symlink_to(work)
+    assert main(["table1", "--profile", "tiny", "--work", str(tmp_path), "--mnist", str(SHARED_MNIST),
+                 "--estimate"]) == 0
+    assert "every stage of the tiny profile" in capsys.readouterr().out
+    assert main(["table1", "--scheduler", "tcp://127.0.0.1:1", "--estimate"]) == 2
+    assert "a cluster's size and speed are unknown" in capsys.readouterr().out

@@ -23,11 +23,13 @@ executes it; `hcgen.pipeline.scale` runs the same graph on Dask.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
 import socket
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -326,6 +328,55 @@ def expected_seconds(graph: dict[str, "Stage"], profile: Profile) -> dict[str, f
         kind, size = stage_work(name, stage.params, profile)
         out[name] = SECONDS_PER_UNIT[kind] * size
     return out
+
+
+def measured_rates(work: Path, profile: Profile) -> dict[str, tuple[float, float, int]]:
+    """kind -> (seconds per unit, total seconds, stages) over every finished stage in `work` that
+    recorded its time (a run of `profile`, whose sizes the stages' own parameters do not all give)."""
+    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for marker in sorted(work.glob(f"*/{DONE}")):
+        info = json.loads(marker.read_text())
+        if info.get("seconds") is None:
+            continue
+        kind, size = stage_work(info["stage"], info["params"], profile)
+        seconds[kind] += info["seconds"]
+        units[kind] += size
+        count[kind] += 1
+    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds}
+
+
+def simulate(durations: dict[str, float], deps: dict[str, tuple], order: list[str], workers: int) -> float:
+    """Wall time of run_dask's policy: in graph order, start every ready stage while a worker is free."""
+    pending, done, running, now, free = list(order), set(), [], 0.0, workers
+    while pending or running:
+        for name in list(pending):
+            if free == 0:
+                break
+            if all(d in done for d in deps[name]):
+                pending.remove(name)
+                heapq.heappush(running, (now + durations[name], name))
+                free -= 1
+        if not running:
+            raise RuntimeError(f"stages never become ready: {pending}")
+        now, name = heapq.heappop(running)
+        done.add(name)
+        free += 1
+    return now
+
+
+def estimate(graph: dict[str, "Stage"], profile: Profile, work: Path, workers: int) -> tuple[float, float, bool]:
+    """(seconds of stage work left, wall seconds with `workers`, calibrated) for the unfinished stages
+    of `graph`: rates from the finished stages in `work` where there are any (calibrated), else
+    SECONDS_PER_UNIT."""
+    measured = {kind: r[0] for kind, r in measured_rates(work, profile).items()}
+    rate = {**SECONDS_PER_UNIT, **measured}
+    keys = folders(graph)
+    durations = {}
+    for name, stage in graph.items():
+        kind, size = stage_work(name, stage.params, profile)
+        durations[name] = 0.0 if (work / keys[name] / DONE).exists() else rate[kind] * size
+    deps = {name: tuple(stage.deps) for name, stage in graph.items()}
+    return sum(durations.values()), simulate(durations, deps, topological(graph), workers), bool(measured)
 
 
 def stages(profile: Profile, mnist_source: Optional[str] = None) -> dict[str, Stage]:
