@@ -103,3 +103,15 @@ def test_live_view_ticks_and_weighs_the_eta(tmp_path):
     ticks = [s for s in states if not s["last"] and s["done"] > 0]
     assert any(s["running_names"] == ["s0"] and s["running"] == 1 for s in ticks)  # between finishes
     assert states[-1]["left"] == 0 and states[-1]["eta_s"] == 0
+
+
+def test_existing_cluster_by_scheduler_address(tmp_path):
+    """--scheduler ADDRESS: the graph runs on a cluster the client does not own, which stays up after."""
+    from distributed import Client, LocalCluster
+
+    seq = run_sequential(_graph(), tmp_path / "seq")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        out = run_dask(_graph(), tmp_path / "remote", scheduler=cluster.scheduler_address)
+        assert _values(out) == _values(seq)
+        with Client(cluster.scheduler_address) as client:
+            assert len(client.nthreads()) == 2  # run_dask closed its client, not the cluster

@@ -46,7 +46,7 @@ def _duration(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
-    from hcgen.pipeline.table1 import PROFILES, estimate, expected_seconds, run_sequential, stages
+    from hcgen.pipeline.table1 import DONE, PROFILES, estimate, expected_seconds, folders, run_sequential, stages
 
     profile = PROFILES[args.profile]
     work = Path(args.work) / profile.name
@@ -69,8 +69,21 @@ def run(args: argparse.Namespace) -> int:
         if args.estimate:
             return 0
 
+    keys = folders(graph)
+    weights = {name: 0.0 if (work / keys[name] / DONE).exists() else w  # finished earlier: skipped
+               for name, w in expected_seconds(graph, profile).items()}
+    order = list(graph)
+    finished: list[str] = []
+
     def progress(name: str, i: int, n: int) -> None:
-        print(f"[{time.time() - start:7.0f} s] stage {i + 1 if i < n else n}/{n}: {name}", flush=True)
+        """Sequential runs: a line as each stage starts, with an ETA weighted like the Dask view's."""
+        elapsed = time.time() - start
+        done = sum(weights[s] for s in finished)
+        left = sum(weights[s] for s in order if s not in finished)
+        eta = f", ETA {_duration(elapsed * left / done)}" if done > 0 and elapsed > 1 and left > 0 else ""
+        print(f"[{elapsed:7.0f} s] stage {i + 1 if i < n else n}/{n}: {name}{eta}", flush=True)
+        if name in graph:
+            finished.append(name)  # reported as it starts: counted once the next one starts
 
     if args.dask or args.scheduler:
         from hcgen.pipeline.scale import run_dask
@@ -94,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
         outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live,
-                           weights=expected_seconds(graph, profile))
+                           weights=weights)
         print()
     else:
         outputs = run_sequential(graph, work, progress)
