@@ -244,27 +244,29 @@ class _Aligner:
     def run(self, lo: int, hi: int) -> None:
         h, w = self.template.shape[1:]
         eye = np.eye(3, dtype=np.float32)
+        hom = self.homography
+        hom[lo:hi] = eye  # ECC's initial warp
         for i in range(lo, hi):
             try:
-                _, hom = cv2.findTransformECC(
-                    self.template[i], self.input[i], eye.copy(), cv2.MOTION_HOMOGRAPHY,
+                _, refined = cv2.findTransformECC(
+                    self.template[i], self.input[i], hom[i], cv2.MOTION_HOMOGRAPHY,
                     ECC_CRITERIA, None, ECC_GAUSS_FILT_SIZE,
                 )
-                ok = cv2.checkRange(hom)[0]  # finite; np.isfinite here costs ~20 µs a pair (measured)
+                hom[i] = refined  # usually hom[i] itself (OpenCV writes in place); never rely on it
+                ok = cv2.checkRange(hom[i])[0]  # finite; np.isfinite here costs ~20 µs a pair (measured)
             except cv2.error as exc:
                 # cv2 keeps `code` on the exception class (shared by threads); the message is per error.
                 if f"({cv2.Error.StsNoConv}:" not in str(exc):  # a real error, not ECC giving up
                     raise
                 ok = False
-            if ok:
-                self.aligned[i] = cv2.warpPerspective(
-                    self.candidate[i], hom, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+            if ok:  # written straight into the batch's buffer (dst=): no allocation, no copy
+                cv2.warpPerspective(
+                    self.candidate[i], hom[i], (w, h), dst=self.aligned[i],
+                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0,
                 )
-                self.homography[i] = hom
             else:  # ψ = identity: PASS is plain SSIM
                 self.aligned[i] = self.candidate[i]
-                self.homography[i] = eye
+                hom[i] = eye
             self.ok[i] = ok
         if self.score is not None:
             self.score[lo:hi] = _ssim_images(self.aligned[lo:hi], self.x[lo:hi])  # Eq. 4
