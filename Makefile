@@ -30,10 +30,10 @@ demo: caffe
 	$(VENV)/bin/hcgen demo
 
 table1-quick: caffe
-	$(VENV)/bin/hcgen table1 --profile quick
+	$(VENV)/bin/hcgen table1 --profile quick --dask
 
 table1-full: caffe
-	$(VENV)/bin/hcgen table1 --profile full
+	$(VENV)/bin/hcgen table1 --profile full --dask
 
 test: caffe
 	$(PY) -m pytest -q tests

@@ -148,3 +148,17 @@ def test_cli_estimate_prints_and_runs_nothing(tiny_run, tmp_path, capsys):
     assert "every stage of the tiny profile" in capsys.readouterr().out
     assert main(["table1", "--scheduler", "tcp://127.0.0.1:1", "--estimate"]) == 2
     assert "a cluster's size and speed are unknown" in capsys.readouterr().out
+
+
+def test_cli_dask_run_reproduces_the_sequential_table(tiny_run, tmp_path, capsys):
+    """scripts/reproduce_table1.sh runs `hcgen table1 --dask`: the same Table 1, byte for byte."""
+    from hcgen.cli import main
+
+    _, _, work, _, _ = tiny_run
+    assert main(["table1", "--profile", "tiny", "--dask", "--workers", "2", "--work", str(tmp_path / "work"),
+                 "--results", str(tmp_path / "results"), "--mnist", str(SHARED_MNIST)]) == 0
+    out = capsys.readouterr().out
+    assert "Dask dashboard: http" in out and "| finished ft-FGS-net1-order1" in out
+    assert (tmp_path / "results" / "table1.md").read_text() == (work / "results" / "table1.md").read_text()
+    assert json.loads((tmp_path / "results" / "table1.json").read_text()) == \
+        json.loads((work / "results" / "table1.json").read_text())
