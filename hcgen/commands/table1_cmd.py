@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import shutil
 import sys
@@ -32,6 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: cores)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster (e.g. tcp://host:8786); workers must share --work")
+    p.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="split each generation into N shard stages and an exact merge, so that a cluster runs "
+                   "them side by side (default 1; changes those stages' folders, not their records)")
     p.add_argument("--estimate", action="store_true",
                    help="print the expected wall time for this profile and worker count, then exit (rates "
                    "from the finished stages in --work when there are any)")
@@ -49,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.table1 import DONE, PROFILES, estimate, expected_seconds, folders, run_sequential, stages
 
     profile = PROFILES[args.profile]
+    if args.shards is not None:
+        if args.shards < 1:
+            print(f"--shards must be a positive integer, got {args.shards}")
+            return 2
+        profile = replace(profile, generation_shards=args.shards)
     work = Path(args.work) / profile.name
     results = Path(args.results or f"results/table1-{profile.name}")
     graph = stages(profile, args.mnist)

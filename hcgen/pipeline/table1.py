@@ -72,6 +72,9 @@ class Profile:
     rows: tuple = tuple(ROWS) + (INFIMNIST_ROW,)
     pass_bins: tuple = ((0.0, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.01))
     bin_iterations: int = 20_000
+    # Each generation split into this many `--shard K/N` stages plus an exact merge: on a cluster the
+    # shards run side by side (a full-profile training-set generation is ~1.5 h of one worker here).
+    generation_shards: int = 1
 
 
 PROFILES = {
@@ -203,7 +206,7 @@ def caffemodel(folder: Path) -> Path:
 
 
 def _generate(out: Path, base: Path, mnist: Path, split: str, methods: str, scales: str,
-              limit: Optional[int], seed: int) -> None:
+              limit: Optional[int], seed: int, shard: str = "0/1") -> None:
     from hcgen.caffe_net import CaffeNet
     from hcgen.pipeline.generate import GenerateSettings, generate
 
@@ -211,8 +214,16 @@ def _generate(out: Path, base: Path, mnist: Path, split: str, methods: str, scal
     weights = caffemodel(base)
     settings = GenerateSettings(model=str(deploy), weights=str(weights), source=str(mnist / f"mnist_{split}_lmdb"),
                                 split=split, methods=methods, scales=scales, min_pass=-1.0, limit=limit,
-                                seed=seed, batch_size=64)
+                                seed=seed, batch_size=64, shard=shard)
     generate(CaffeNet(deploy, weights), settings, out / "lmdb")
+
+
+def _merge(out: Path, *shards: Path) -> None:
+    """The shards' records merged: identical to the unsharded generation (generate.merge_shards)."""
+    from hcgen.pipeline.generate import merge_shards
+
+    shutil.rmtree(out / "lmdb", ignore_errors=True)  # left by a merge that died: this stage is not done
+    merge_shards([s / "lmdb" for s in shards], out / "lmdb")
 
 
 def _heldout(out: Path, *generated: Path, per_type: int) -> None:
@@ -290,6 +301,7 @@ SECONDS_PER_UNIT = {
     "mnist conversion": 0.8, "InfiMNIST-style images": 6.2e-5, "training iterations": 0.0503,
     "searches": 0.0056, "searches (test digits)": 0.0075, "held-out records": 9e-5,
     "mixed records": 2.54e-5, "evaluated images": 3.05e-4,
+    "merged records": 2.54e-5,  # not measured yet: taken as fast as mixing (both copy Datums)
 }
 
 
@@ -305,11 +317,17 @@ def stage_work(name: str, params: dict, p: Profile) -> tuple[str, float]:
         return "InfiMNIST-style images", params["count"]
     if name.startswith(("base", "ft-")):
         return "training iterations", params["iterations"]
+    if name.startswith("gen-") and "split" not in params:  # the merge of a sharded generation
+        split = "train" if name.startswith("gen-train") else "test"
+        sources = (p.train_images or MNIST_TRAIN) if split == "train" else (p.test_images or MNIST_TEST)
+        methods = p.train_methods if split == "train" else "fgs,fgv,hc-d:1-9,hc-s:1"
+        return "merged records", sources * len(parse_methods(methods))
     if name.startswith("gen-"):
         sources = params["limit"] or (MNIST_TRAIN if params["split"] == "train" else MNIST_TEST)
+        shards = int(params.get("shard", "0/1").split("/")[1])
         # from the test digits: two hard-positive scales, so more PASS work per search
         kind = "searches" if params["split"] == "train" else "searches (test digits)"
-        return kind, sources * len(parse_methods(params["methods"]))
+        return kind, sources * len(parse_methods(params["methods"])) / shards
     if name == "heldout":
         return "held-out records", len(HELDOUT_TYPES) * params["per_type"]
     if name.startswith("mix-"):
@@ -395,10 +413,16 @@ def stages(profile: Profile, mnist_source: Optional[str] = None) -> dict[str, St
         add("infimnist", _infimnist, count=p.infimnist_count, source=mnist_source)
     for b in range(1, p.base_nets + 1):
         add(f"base{b}", _train_base, ["mnist"], seed=b, iterations=p.base_iterations)
-        add(f"gen-train{b}", _generate, [f"base{b}", "mnist"], split="train", methods=p.train_methods,
-            scales="1.05", limit=p.train_images, seed=b)
-        add(f"gen-test{b}", _generate, [f"base{b}", "mnist"], split="test",
-            methods="fgs,fgv,hc-d:1-9,hc-s:1", scales="1.05,1.10", limit=p.test_images, seed=b)
+        for split, kw in (("train", dict(methods=p.train_methods, scales="1.05", limit=p.train_images)),
+                          ("test", dict(methods="fgs,fgv,hc-d:1-9,hc-s:1", scales="1.05,1.10", limit=p.test_images))):
+            name, n = f"gen-{split}{b}", p.generation_shards
+            if n == 1:
+                add(name, _generate, [f"base{b}", "mnist"], split=split, seed=b, **kw)
+                continue
+            for k in range(n):
+                add(f"{name}-shard{k}", _generate, [f"base{b}", "mnist"], split=split, seed=b, **kw,
+                    shard=f"{k}/{n}")
+            add(name, _merge, [f"{name}-shard{k}" for k in range(n)])
     add("heldout", _heldout, [f"gen-test{b}" for b in range(1, p.base_nets + 1)], per_type=p.heldout_per_type)
     for b in range(1, p.base_nets + 1):
         add(f"eval-base{b}", _evaluate, [f"base{b}", "mnist", "heldout"])
