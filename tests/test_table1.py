@@ -187,3 +187,33 @@ def test_sharded_generation_stages_merge_to_the_unsharded_records(tiny_run, tmp_
         assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
     assert table1.stage_work("gen-train1-shard0", graph["gen-train1-shard0"].params, profile)[1] == \
         table1.stage_work("gen-train1", table1.stages(profile)["gen-train1"].params, profile)[1] / 2
+
+
+def test_ctrl_c_stops_a_dask_run_cleanly(tmp_path):
+    """Ctrl-C during `hcgen table1 --dask`: exit 130 with how to go on, and no caffe left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "hcgen.cli", "table1", "--profile", "tiny", "--dask", "--workers", "2",
+           "--work", str(work), "--results", str(tmp_path / "results"), "--mnist", str(SHARED_MNIST)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def caffe_runs() -> str:
+        return subprocess.run(["pgrep", "-af", f"caffe train --solver={work}"], capture_output=True,
+                              text=True).stdout
+
+    deadline = time.monotonic() + 120
+    while not caffe_runs() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert caffe_runs(), "base1's caffe train never started"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert f"interrupted: finished stages are kept in {work / 'tiny'}; rerun the same command" in out
+    time.sleep(1)
+    assert caffe_runs() == ""  # the workers' caffe processes went down with them
+    assert (work / "tiny").is_dir() and not (tmp_path / "results" / "table1.md").exists()

@@ -94,32 +94,37 @@ def run(args: argparse.Namespace) -> int:
         if name in graph:
             finished.append(name)  # reported as it starts: counted once the next one starts
 
-    if args.dask or args.scheduler:
-        from hcgen.pipeline.scale import run_dask
+    try:
+        if args.dask or args.scheduler:
+            from hcgen.pipeline.scale import run_dask
 
-        tty = sys.stdout.isatty()
-        shown = []
+            tty = sys.stdout.isatty()
+            shown = []
 
-        def live(state: dict) -> None:
-            if not shown:
-                shown.append(True)
-                print(f"Dask dashboard: {state['dashboard']}", flush=True)
-            eta = "?" if state["eta_s"] is None else f"{state['eta_s'] / 60:.1f} min"
-            running = ", ".join(state["running_names"]) or "-"
-            line = (f"[{state['elapsed_s']:7.0f} s] done {state['done']}/{state['total']}, left {state['left']}, "
-                    f"ETA {eta}; running {state['running']}: {running}")
-            width = shutil.get_terminal_size().columns - 1
-            if state["last"]:  # one line per finished stage (also in logs)
-                print(f"\r{line} | finished {state['last']}".ljust(width if tty else 0), flush=True)
-            elif tty:  # in between, a status line that overwrites itself
-                print(f"\r{line[:width]}".ljust(width), end="", flush=True)
+            def live(state: dict) -> None:
+                if not shown:
+                    shown.append(True)
+                    print(f"Dask dashboard: {state['dashboard']}", flush=True)
+                eta = "?" if state["eta_s"] is None else f"{state['eta_s'] / 60:.1f} min"
+                running = ", ".join(state["running_names"]) or "-"
+                line = (f"[{state['elapsed_s']:7.0f} s] done {state['done']}/{state['total']}, left {state['left']}, "
+                        f"ETA {eta}; running {state['running']}: {running}")
+                width = shutil.get_terminal_size().columns - 1
+                if state["last"]:  # one line per finished stage (also in logs)
+                    print(f"\r{line} | finished {state['last']}".ljust(width if tty else 0), flush=True)
+                elif tty:  # in between, a status line that overwrites itself
+                    print(f"\r{line[:width]}".ljust(width), end="", flush=True)
 
-        print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
-        outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live,
-                           weights=weights)
-        print()
-    else:
-        outputs = run_sequential(graph, work, progress)
+            print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
+            outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live,
+                               weights=weights)
+            print()
+        else:
+            outputs = run_sequential(graph, work, progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished stages are kept in {work}; rerun the same command to go on "
+              "(a stage that was running starts again, or resumes from its own snapshots)", flush=True)
+        return 130
     report = write_report(profile, outputs, results)
     print(report["table"])
     print(f"figures: {', '.join(report['figures'])} in {results}; took {time.time() - start:.0f} s")

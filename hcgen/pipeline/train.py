@@ -150,6 +150,18 @@ def _check_lmdb(path: str, role: str, option: str) -> None:
                                 "with `hcgen data mnist` / `hcgen mix`")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so a killed Dask worker or pipeline does not leave caffe training on. Caffe's
+    snapshots make the rerun resume. A no-op where prctl is missing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
           seed: int | None = None, train_lmdb: str | os.PathLike | None = None,
           test_lmdb: str | os.PathLike | None = None, iterations: int | None = None,
@@ -234,7 +246,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
         log_file.flush()
         try:
             proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace", bufsize=1)
+                                    text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
         except OSError as exc:
             raise RuntimeError(f"cannot run {cmd[0]} ({exc}); install Caffe with `make caffe`") from exc
         try:
