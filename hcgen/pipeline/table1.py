@@ -279,7 +279,8 @@ def _finetune(out: Path, base: Path, mix: Path, mnist: Path, seed: int, iteratio
     from hcgen.pipeline.train import train
 
     # Caffe's test phase every 500 iterations only reports (the nets are evaluated afterwards) and cost
-    # ~12% of a LeNet fine-tune here (10K test images per 500 iterations): test at the start and the end only; the weights are the same.
+    # ~12% of a LeNet fine-tune here (10K test images per 500 iterations): test at the start and the
+    # end only; the weights are the same.
     train(MODELS / "lenet_solver.prototxt", out, weights=caffemodel(base), seed=seed, iterations=iterations,
           test_every=iterations,
           train_lmdb=mix / "lmdb", test_lmdb=mnist / "mnist_test_lmdb")
