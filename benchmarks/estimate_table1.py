@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.pipeline.table1 import (PROFILES, SECONDS_PER_UNIT, measured_rates, simulate, stage_work, stages,
+from hcgen.pipeline.table1 import (PROFILES, expected_seconds, measured_rates, simulate, stage_work, stages,
                                    topological)
 
 
@@ -46,14 +46,13 @@ def main() -> None:
     if args.shards:
         target = replace(target, generation_shards=args.shards)
     graph = stages(target)
-    durations, by_kind = {}, defaultdict(float)
-    defaults = set()
+    durations = expected_seconds(graph, target, {kind: r[0] for kind, r in rates.items()})
+    by_kind, defaults = defaultdict(float), set()
     for name, stage in graph.items():
-        kind, size = stage_work(name, stage.params, target)
+        kind = stage_work(name, stage.params, target)[0]
+        by_kind[kind] += durations[name]
         if kind not in rates:  # e.g. merges of sharded generations, when the measured run had none
             defaults.add(kind)
-        durations[name] = (rates[kind][0] if kind in rates else SECONDS_PER_UNIT[kind]) * size
-        by_kind[kind] += durations[name]
     print(f"rates measured in {work} ({args.measured} profile):")
     for kind, (rate, total, n) in sorted(rates.items()):
         per = f"{1 / rate:,.1f} per s" if rate > 0 else "-"

@@ -50,7 +50,7 @@ def _duration(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
-    from hcgen.pipeline.table1 import DONE, PROFILES, estimate, expected_seconds, folders, run_sequential, stages
+    from hcgen.pipeline.table1 import PROFILES, estimate, expected_seconds, run_sequential, stages
 
     profile = PROFILES[args.profile]
     if args.shards is not None:
@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if args.estimate:
             return 0
 
-    keys = folders(graph)
-    weights = {name: 0.0 if (work / keys[name] / DONE).exists() else w  # finished earlier: skipped
-               for name, w in expected_seconds(graph, profile).items()}
+    weights = expected_seconds(graph, profile, work=work)  # finished earlier: 0, skipped
     order = list(graph)
     finished: list[str] = []
 

@@ -343,12 +343,17 @@ def stage_work(name: str, params: dict, p: Profile) -> tuple[str, float]:
     raise ValueError(f"unknown stage {name}")
 
 
-def expected_seconds(graph: dict[str, "Stage"], profile: Profile) -> dict[str, float]:
-    """Stage -> a rough duration on one worker here (SECONDS_PER_UNIT x size): ETA weights."""
+def expected_seconds(graph: dict[str, "Stage"], profile: Profile, rates: Optional[dict[str, float]] = None,
+                     work: Optional[Path] = None) -> dict[str, float]:
+    """Stage -> expected seconds on one worker: its size x seconds per unit of its kind (`rates`, else
+    SECONDS_PER_UNIT); 0 for a stage already finished in `work`. Estimates and the live ETA use it."""
+    rate = {**SECONDS_PER_UNIT, **(rates or {})}
+    keys = folders(graph)
     out = {}
     for name, stage in graph.items():
         kind, size = stage_work(name, stage.params, profile)
-        out[name] = SECONDS_PER_UNIT[kind] * size
+        finished = work is not None and (Path(work) / keys[name] / DONE).exists()
+        out[name] = 0.0 if finished else rate[kind] * size
     return out
 
 
@@ -391,12 +396,7 @@ def estimate(graph: dict[str, "Stage"], profile: Profile, work: Path, workers: i
     of `graph`: rates from the finished stages in `work` where there are any (calibrated), else
     SECONDS_PER_UNIT."""
     measured = {kind: r[0] for kind, r in measured_rates(work, profile).items()}
-    rate = {**SECONDS_PER_UNIT, **measured}
-    keys = folders(graph)
-    durations = {}
-    for name, stage in graph.items():
-        kind, size = stage_work(name, stage.params, profile)
-        durations[name] = 0.0 if (work / keys[name] / DONE).exists() else rate[kind] * size
+    durations = expected_seconds(graph, profile, measured, work)
     deps = {name: tuple(stage.deps) for name, stage in graph.items()}
     return sum(durations.values()), simulate(durations, deps, topological(graph), workers), bool(measured)
 
