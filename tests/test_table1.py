@@ -150,7 +150,11 @@ def test_cli_estimate_prints_and_runs_nothing(tiny_run, tmp_path, capsys):
                  "--estimate"]) == 0
     assert "every stage of the tiny profile" in capsys.readouterr().out
     assert main(["table1", "--scheduler", "tcp://127.0.0.1:1", "--estimate"]) == 2
-    assert "a cluster's size and speed are unknown" in capsys.readouterr().out
+    assert "hcgen table1: error: --estimate works for this machine only (a cluster's size and speed are " \
+        "unknown here)" in capsys.readouterr().err
+    assert main(["table1", "--shards", "0", "--estimate", "--work", str(tmp_path)]) == 2
+    assert "hcgen table1: error: --shards must be a positive integer, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny"]  # the refused runs wrote nothing
 
 
 def test_cli_dask_run_reproduces_the_sequential_table(tiny_run, tmp_path, capsys):

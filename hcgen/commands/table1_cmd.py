@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     if args.shards is not None:
         if args.shards < 1:
-            print(f"--shards must be a positive integer, got {args.shards}")
-            return 2
+            raise ValueError(f"--shards must be a positive integer, got {args.shards}")
         profile = replace(profile, generation_shards=args.shards)
     work = Path(args.work) / profile.name
     results = Path(args.results or f"results/table1-{profile.name}")
@@ -64,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     workers = 1 if not (args.dask or args.scheduler) else (args.workers or os.cpu_count() or 1)
     if args.estimate and args.scheduler:
-        print("--estimate works for this machine only (a cluster's size and speed are unknown here)")
-        return 2
+        raise ValueError("--estimate works for this machine only (a cluster's size and speed are unknown here)")
     if not args.scheduler:  # a remote cluster's size and speed are unknown here
         left, wall, calibrated = estimate(graph, profile, work, workers)
         if left == 0 and args.estimate:
