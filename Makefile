@@ -14,7 +14,7 @@ setup: caffe
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,torch]'
 	touch $@
 
 # Builds Caffe once into ~/.cache/hcgen (keyed by sdist + patches) and links it into the venv.

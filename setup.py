@@ -20,6 +20,12 @@ setup(
         "matplotlib>=3.6",
         "dask[distributed]>=2024.1",  # the Table 1 stage graph on a LocalCluster or any Dask cluster
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # hcgen.torch_net / torch_data (TorchNet, GeneratedDataset); exactly pinned: the CPU build here
+        "torch": ["torch==2.13.0"],
+        # benchmarks/bench_peers_torch.py only (the peers hcgen is measured against), never for tests
+        "bench": ["torch==2.13.0", "adversarial-robustness-toolbox==1.20.*", "foolbox==3.3.*"],
+    },
     entry_points={"console_scripts": ["hcgen=hcgen.cli:main"]},
 )
