@@ -1,0 +1,58 @@
+"""Atomic file writes: write a temporary file beside the target, fsync it, rename it over the target.
+
+A reader (or a resume after a crash) sees either the old content or the new one, never a partial file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_UMASK = os.umask(0)  # read once at import (os.umask is process-wide: not from threads later)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = True) -> None:
+    """Replace `path` with `data` atomically (temporary file in the same folder + ``os.replace``).
+
+    With `fsync` the data reaches the disk before the rename, and the rename before return, so after
+    a power loss `path` holds the old or the new content.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode open() would
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, value, *, indent: int = 1) -> None:
+    """`value` as JSON (with a final newline) into `path`, atomically."""
+    atomic_write(path, json.dumps(value, indent=indent) + "\n")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
