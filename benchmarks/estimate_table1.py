@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.pipeline.table1 import (PROFILES, expected_seconds, measured_rates, simulate, stage_work, stages,
-                                   topological)
+from hcgen.pipeline.stages import simulate, topological
+from hcgen.pipeline.table1 import PROFILES, expected_seconds, measured_rates, stage_work, stages
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hcgen.pipeline.scale import run_dask
-from hcgen.pipeline.table1 import Stage, run_sequential
+from hcgen.pipeline.stages import Stage, run_sequential
 
 pytest.importorskip("distributed")
 

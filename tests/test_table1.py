@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from hcgen.lmdb_io import MetadataTable, lmdb_count
-from hcgen.pipeline import table1
+from hcgen.pipeline import stages, table1
 from hcgen.pipeline.report import write_report
 
 from .conftest import SHARED_MNIST
@@ -18,20 +18,21 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("table1")
     profile = table1.PROFILES["tiny"]
     graph = table1.stages(profile, str(SHARED_MNIST))
-    outputs = table1.run_sequential(graph, work)
-    report = write_report(profile, outputs, work / "results")
+    outputs = stages.run_sequential(graph, work)
+    report = write_report(table1.report_spec(profile), outputs, work / "results", stages.stage_times(graph, work))
     return profile, graph, work, outputs, report
 
 
 def test_graph_is_keyed_by_inputs():
     profile = table1.PROFILES["tiny"]
-    a = table1.folders(table1.stages(profile))
-    b = table1.folders(table1.stages(table1.PROFILES["tiny"].__class__(**{**profile.__dict__, "finetune_iterations": 51})))
+    a = stages.folders(table1.stages(profile))
+    b = stages.folders(table1.stages(table1.PROFILES["tiny"].__class__(**{**profile.__dict__, "finetune_iterations": 51})))
     assert a["base1"] == b["base1"] and a["gen-train1"] == b["gen-train1"]  # upstream of the change: same
     assert a["ft-FGS-net1-order1"] != b["ft-FGS-net1-order1"]  # changed stage and everything after it
     assert a["eval-FGS-net1-order1"] != b["eval-FGS-net1-order1"]
-    order = table1.topological(table1.stages(profile))
-    assert order.index("base1") < order.index("gen-train1") < order.index("mix-FGS-net1-order1")
+    order = stages.topological(table1.stages(profile))
+    assert order.index("order1") < order.index("base1") < order.index("gen-train1") < order.index("tau") \
+        < order.index("mix-FGS-net1-order1")
 
 
 def test_heldout_has_14_types_evenly(tiny_run):
@@ -43,13 +44,29 @@ def test_heldout_has_14_types_evenly(tiny_run):
     assert lmdb_count(outputs["heldout"] / "lmdb") == 14 * profile.heldout_per_type
 
 
-def test_finetune_sets_hold_mnist_plus_the_rows_records(tiny_run):
-    _, _, _, outputs, _ = tiny_run
+def test_tau_keeps_the_papers_fgv_share_and_the_rows_train_on_it(tiny_run):
+    profile, _, _, outputs, _ = tiny_run
     gen = list(MetadataTable(outputs["gen-train1"] / "lmdb" / "metadata.csv").rows())
-    fgs = sum(r["method"] == "FGS" and float(r["scale"]) == 1.0 for r in gen)
-    assert lmdb_count(outputs["mix-FGS-net1-order1"] / "lmdb") == 60000 + fgs
-    hcd = sum(r["method"] in {f"HC-D-{k}" for k in range(1, 6)} and float(r["scale"]) == 1.0 for r in gen)
-    assert lmdb_count(outputs["mix-HC-D-5-net1-order1"] / "lmdb") == 60000 + hcd
+    info = json.loads((outputs["tau"] / "tau.json").read_text())
+    tau = info["tau"]
+    fgv = sorted((float(r["pass"]) for r in gen if r["method"] == "FGV" and float(r["scale"]) == 1.0), reverse=True)
+    k = round(37663 / 60000 * profile.train_images)  # the paper's FGV share of the digits searched
+    assert len(fgv) >= k and tau == fgv[k - 1]
+    assert info["rows"]["FGV"]["kept_per_net"] == [k]
+    kept_fgs = sum(r["method"] == "FGS" and float(r["scale"]) == 1.0 and float(r["pass"]) >= tau for r in gen)
+    assert 0 < kept_fgs < sum(r["method"] == "FGS" and float(r["scale"]) == 1.0 for r in gen)  # tau filters
+    assert info["rows"]["FGS"]["kept_per_net"] == [kept_fgs]
+    assert lmdb_count(outputs["mix-FGS-net1-order1"] / "lmdb") == 60000 + kept_fgs
+    assert lmdb_count(outputs["mix-FGV-net1-order1"] / "lmdb") == 60000 + k
+    hcd = sum(r["method"] in {f"HC-D-{k}" for k in range(1, 10)} and float(r["scale"]) == 1.05
+              and float(r["pass"]) >= tau for r in gen)
+    assert hcd > 0 and lmdb_count(outputs["mix-HC-D-9-1.05-net1-order1"] / "lmdb") == 60000 + hcd
+    # the InfiMNIST-style row: trained from scratch on the 60K digits plus the deformations, no tau
+    assert lmdb_count(outputs["mix-InfiMNIST-style-net1"] / "lmdb") == 60000 + profile.infimnist_count
+    from hcgen.pipeline.train import SOLVER_FILE
+
+    assert "random initialization" in (outputs["scratch-InfiMNIST-style-net1"] / SOLVER_FILE).read_text()
+    assert "fine-tuning" in (outputs["ft-FGS-net1-order1"] / SOLVER_FILE).read_text()
 
 
 def test_report_table_and_figures(tiny_run):
@@ -77,7 +94,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     again = table1.stages(profile, str(SHARED_MNIST))
     for stage in again.values():
         stage.fn = must_not_run
-    assert table1.run_sequential(again, work) == outputs
+    assert stages.run_sequential(again, work) == outputs
 
 
 def _estimator():
@@ -93,7 +110,7 @@ def _estimator():
 
 def test_stage_markers_time_each_stage(tiny_run):
     _, graph, work, outputs, _ = tiny_run
-    times = table1.stage_times(graph, work)
+    times = stages.stage_times(graph, work)
     assert set(times) == set(graph)
     assert times["base1"] > 0.5 and times["ft-FGS-net1-order1"] > 0.5  # caffe train runs take seconds
     marker = json.loads((outputs["base1"] / ".stage.json").read_text())
@@ -108,13 +125,13 @@ def test_estimate_replays_the_measured_run(tiny_run):
     assert {"training iterations", "searches", "mixed records", "evaluated images"} <= set(rates)
     durations = {n: rates[table1.stage_work(n, s.params, profile)[0]][0] * table1.stage_work(n, s.params, profile)[1]
                  for n, s in graph.items()}
-    measured = sum(table1.stage_times(graph, work).values())
+    measured = sum(stages.stage_times(graph, work).values())
     deps = {n: tuple(s.deps) for n, s in graph.items()}
-    order = table1.topological(graph)
-    assert table1.simulate(durations, deps, order, 1) == pytest.approx(measured, rel=1e-9)
-    two = table1.simulate(durations, deps, order, 2)
-    chain = durations["base1"] + durations["gen-train1"] + durations["mix-FGS-net1-order1"] + \
-        durations["ft-FGS-net1-order1"] + durations["eval-FGS-net1-order1"]
+    order = stages.topological(graph)
+    assert stages.simulate(durations, deps, order, 1) == pytest.approx(measured, rel=1e-9)
+    two = stages.simulate(durations, deps, order, 2)
+    chain = durations["order1"] + durations["base1"] + durations["gen-train1"] + durations["tau"] + \
+        durations["mix-FGS-net1-order1"] + durations["ft-FGS-net1-order1"] + durations["eval-FGS-net1-order1"]
     assert max(measured / 2, chain) - 1e-9 <= two < measured
     left, wall, calibrated = table1.estimate(graph, profile, work, 2)
     assert (left, wall, calibrated) == (0.0, 0.0, True)  # everything finished: nothing left
@@ -130,7 +147,7 @@ def test_estimate_script_prints_the_target_profile(tiny_run, capsys, monkeypatch
     assert "training iterations" in out and "estimated wall time with 2 worker(s)" in out
     monkeypatch.setattr("sys.argv", ["estimate_table1.py", "--work", str(work), "--target", "quick",
                                      "--shards", "4"])
-    est.main()  # the tiny profile has no InfiMNIST row and no merges: those take hcgen's default rates
+    est.main()  # the tiny profile has no merges: those take hcgen's default rates
     out = capsys.readouterr().out
     assert "InfiMNIST-style images" in out and "merged records" in out and "(not measured in --work" in out
     assert "estimated wall time with 2 worker(s)" in out
@@ -181,8 +198,8 @@ def test_sharded_generation_stages_merge_to_the_unsharded_records(tiny_run, tmp_
     graph = table1.stages(replace(profile, generation_shards=2), str(SHARED_MNIST))
     assert {"gen-train1-shard0", "gen-train1-shard1", "gen-test1-shard1"} <= set(graph)
     assert graph["gen-train1"].deps == ["gen-train1-shard0", "gen-train1-shard1"]
-    needed = ["mnist", "base1"] + [n for n in graph if n.startswith("gen-")]
-    sharded = table1.run_sequential({n: graph[n] for n in needed}, tmp_path)
+    needed = ["mnist", "order1", "base1"] + [n for n in graph if n.startswith("gen-")]
+    sharded = stages.run_sequential({n: graph[n] for n in needed}, tmp_path)
     for name in ("gen-train1", "gen-test1"):
         a, b = outputs[name] / "lmdb", sharded[name] / "lmdb"
         n = lmdb_count(a)

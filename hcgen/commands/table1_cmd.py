@@ -20,8 +20,10 @@ def add_parser(subparsers) -> None:
         "net per row and ordering, evaluate on MNIST and a held-out adversarial set, and write "
         "results/table1.md and the figures beside the paper's numbers. Every stage is kept in --work "
         "under a name keyed by its inputs: rerunning skips finished stages, so a run can span restarts. "
-        "Profiles: quick (1 base net, 1 ordering, small subsets; ~40 minutes on 2 cores, ~22 with --dask), "
-        "full (the paper's protocol; ~14 hours on 2 cores with --dask), tiny (seconds; for tests).",
+        "Profiles: medium (the paper's structure: 3 base nets of 10K iterations x 3 orderings, every row, "
+        "held-out set from all 3 nets; smaller sizes; about an hour on 2 cores with --dask), quick (smoke test: "
+        "1 base net, 1 ordering), full (the paper's sizes; many hours), tiny (seconds; for tests). "
+        "Run --estimate first: it prints the expected time on this machine.",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="protocol size (default quick)")
     p.add_argument("--work", default="work/table1", help="stage outputs (default work/table1)")
@@ -50,14 +52,15 @@ def _duration(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
-    from hcgen.pipeline.table1 import PROFILES, estimate, expected_seconds, run_sequential, stages
+    from hcgen.pipeline.stages import run_sequential, stage_times
+    from hcgen.pipeline.table1 import PROFILES, estimate, expected_seconds, report_spec, stages
 
     profile = PROFILES[args.profile]
     if args.shards is not None:
         if args.shards < 1:
             raise ValueError(f"--shards must be a positive integer, got {args.shards}")
         profile = replace(profile, generation_shards=args.shards)
-    work = Path(args.work) / profile.name
+    work = Path(args.work).absolute() / profile.name  # Dask workers may start in another folder
     results = Path(args.results or f"results/table1-{profile.name}")
     graph = stages(profile, args.mnist)
     start = time.time()
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished stages are kept in {work}; rerun the same command to go on "
               "(a stage that was running starts again, or resumes from its own snapshots)", flush=True)
         return 130
-    report = write_report(profile, outputs, results)
+    report = write_report(report_spec(profile), outputs, results, stage_times(graph, work))
     print(report["table"])
     print(f"figures: {', '.join(report['figures'])} in {results}; took {time.time() - start:.0f} s")
     return 0

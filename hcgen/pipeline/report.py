@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hcgen.lmdb_io import MetadataTable, read_raw, decode_datum
-from hcgen.pipeline.table1 import INFIMNIST_ROW, PAPER, Profile
+from hcgen.lmdb_io import MetadataTable, lmdb_count, read_raw, decode_datum
 
 MNIST_SET, HELDOUT_SET = "mnist_test_lmdb", "lmdb"
+ALPHA = 0.05  # one-sided Welch t-tests of the claims
 
 
 def _errors(folder: Path) -> tuple[float, float]:
@@ -24,41 +24,160 @@ def _mean_std(values: list[float]) -> str:
     return f"{v.mean():.3f}% ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
-def table1(profile: Profile, outputs: dict[str, Path]) -> tuple[str, dict]:
-    """Markdown Table 1 (ours beside the paper's) and the numbers behind it."""
+def _training_images(mix: Path) -> int:
+    """Generated (or deformed) images a net trained on: its mixed LMDB minus the MNIST digits in it."""
+    settings = json.loads((mix / "lmdb" / "mix.json").read_text())
+    mnist = lmdb_count(settings["with_mnist"]) if settings.get("with_mnist") else 0
+    return lmdb_count(mix / "lmdb") - mnist
+
+
+def _welch_less(a: list[float], b: list[float]) -> float:
+    """One-sided Welch t-test p-value for mean(a) < mean(b) (nan when either side has < 2 values)."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 0.0 if np.mean(a) < np.mean(b) else 1.0
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue)
+
+
+def _verdict(better: bool, p: float) -> str:
+    if not better:
+        return "does not hold"
+    if not np.isfinite(p):
+        return "holds (no test: one net)"
+    return "holds" if p < ALPHA else "not significant"
+
+
+def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic LeNet",
+           infimnist: str = "InfiMNIST-style") -> list[dict]:
+    """The claims of Sec. 5.2 checked on `numbers` (row -> {"mnist": [...], "adversarial": [...]}, one value
+    per net) and `bins` (Fig. 6: PASS range -> the same): each {"id", "claim", "verdict", "evidence"}.
+    A claim that a row is better holds when its mean is lower and a one-sided Welch t-test gives
+    p < ALPHA; "not significant" when the mean is lower but p >= ALPHA."""
+    out = []
+    mean = {r: (float(np.mean(n["mnist"])), float(np.mean(n["adversarial"]))) for r, n in numbers.items()}
+
+    def compare(a: str, b: str, col: str, src=numbers) -> tuple[str, str, bool, float]:
+        x, y = src[a][col], src[b][col]
+        p = _welch_less(x, y)
+        better = float(np.mean(x)) < float(np.mean(y))
+        return _verdict(better, p), f"{a} {np.mean(x):.3f}% vs {b} {np.mean(y):.3f}% (p={p:.3g})", better, p
+
+    adversarial_rows = [r for r in numbers if r not in (basic, infimnist)]
+    if basic in numbers and adversarial_rows:
+        parts, verdicts = [], []
+        for r in adversarial_rows:
+            for col in ("mnist", "adversarial"):
+                v, e, _, _ = compare(r, basic, col)
+                verdicts.append(v)
+                parts.append(f"{col}: {e}: {v}")
+        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
+                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        out.append({"id": "a", "claim": "every adversarially fine-tuned row beats Basic LeNet on both columns",
+                    "verdict": overall, "evidence": parts})
+    if "HC-D-9-1.05" in numbers and len(adversarial_rows) > 1:
+        others = sorted((r for r in numbers if r != "HC-D-9-1.05"), key=lambda r: mean[r][1])
+        runner_up = others[0]
+        v, e, _, _ = compare("HC-D-9-1.05", runner_up, "adversarial")
+        out.append({"id": "b", "claim": "HC-D-9-1.05 has the lowest adversarial error",
+                    "verdict": v, "evidence": [f"against the next lowest row: {e}"]})
+    if "FGS" in numbers:
+        parts, verdicts = [], []
+        for r in ("HC-D-9", "HC-D-9-1.05", "FGV"):
+            if r in numbers:
+                v, e, _, _ = compare(r, "FGS", "adversarial")
+                verdicts.append(v)
+                parts.append(f"{e}: {v}")
+        if verdicts:
+            overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
+                       "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+            out.append({"id": "c", "claim": "HC-D-9, HC-D-9-1.05 and FGV beat FGS on adversarial error",
+                        "verdict": overall, "evidence": parts})
+    if infimnist in numbers and adversarial_rows:
+        parts, verdicts = [], []
+        for r in adversarial_rows:
+            v, e, _, _ = compare(r, infimnist, "adversarial")
+            verdicts.append(v)
+            parts.append(f"{e}: {v}")
+        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
+                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        out.append({"id": "d", "claim": f"the {infimnist} row does poorly on adversarial images "
+                    "(worse than every adversarially fine-tuned row)", "verdict": overall, "evidence": parts})
+    if "0.80-0.90" in bins and len(bins) > 2:
+        keys = list(bins)
+        extremes = [keys[0], keys[-1]]
+        parts, verdicts = [], []
+        for other in extremes:
+            v, e, _, _ = compare("0.80-0.90", other, "adversarial", bins)
+            verdicts.append(v)
+            parts.append(f"PASS {e}: {v}")
+        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
+                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        out.append({"id": "e", "claim": "Fig. 6: training on the 0.8-0.9 PASS bin does better on adversarial "
+                    "images than the lowest and the highest PASS bins", "verdict": overall, "evidence": parts})
+    return out
+
+
+def table1(spec: dict, outputs: dict[str, Path]) -> tuple[str, dict]:
+    """Markdown Table 1 (ours beside the paper's), the claims of Sec. 5.2, and the numbers behind them.
+    `spec` is the protocol's description (`hcgen.pipeline.table1.report_spec`)."""
     numbers: dict[str, dict] = {}
-    rows = list(profile.rows) + ["Basic LeNet"]
-    for row in rows:
-        if row == "Basic LeNet":
-            evals = [outputs[f"eval-base{b}"] for b in range(1, profile.base_nets + 1)]
-        else:
-            evals = [outputs[f"eval-{row}-net{b}-order{o}"] for b in range(1, profile.base_nets + 1)
-                     for o in range(1, profile.orderings + 1)]
-        errs = np.array([_errors(e) for e in evals])
+    for row, evals in spec["rows"].items():
+        errs = np.array([_errors(outputs[e]) for e in evals])
         numbers[row] = {"nets": len(evals), "mnist": errs[:, 0].tolist(), "adversarial": errs[:, 1].tolist()}
-    order = sorted(rows, key=lambda r: np.mean(numbers[r]["mnist"]))
-    lines = [
-        f"# Table 1 — error rates ({profile.name} profile)",
+        mixes = spec["row_stages"].get(row, [])
+        if mixes:
+            numbers[row]["training_images"] = [_training_images(outputs[m]) for m in mixes]
+    bins = {label: {"nets": len(evals), "mnist": [_errors(outputs[e])[0] for e in evals],
+                    "adversarial": [_errors(outputs[e])[1] for e in evals]} for label, evals in spec["bins"]}
+    tau = None
+    if spec.get("tau_stage") and spec["tau_stage"] in outputs:
+        tau = json.loads((outputs[spec["tau_stage"]] / "tau.json").read_text())
+    paper, paper_images = spec["paper"], spec.get("paper_train_images", {})
+    order = sorted(numbers, key=lambda r: np.mean(numbers[r]["mnist"]))
+    lines = [f"# Table 1 — error rates ({spec['profile']} profile)", "", spec["description"]]
+    if spec.get("caveat"):
+        lines += ["", spec["caveat"]]
+    lines += [
         "",
-        f"Profile `{profile.name}`: {profile.base_nets} base net(s) x {profile.orderings} ordering(s), "
-        f"base {profile.base_iterations} iterations, fine-tuning {profile.finetune_iterations} "
-        f"(InfiMNIST-style {profile.infimnist_iterations}), generation from "
-        f"{profile.train_images or 60000} training digits, held-out set {profile.heldout_per_type} x 14 types."
-        + (f" **This is the {profile.name} profile, not the paper's protocol: numbers are indicative only.**"
-           if profile.name != "full" else ""),
-        "",
-        "| Method | MNIST (ours) | Adversarial (ours) | nets | MNIST (paper) | Adversarial (paper) |",
-        "|---|---|---|---|---|---|",
+        "| Method | MNIST (ours) | Adversarial (ours) | nets | training images per net (ours) "
+        "| MNIST (paper) | Adversarial (paper) | training images (paper) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in order:
         n = numbers[row]
-        paper = PAPER.get(row, ("", ""))
-        lines.append(f"| {row} | {_mean_std(n['mnist'])} | {_mean_std(n['adversarial'])} | {n['nets']} | "
-                     f"{paper[0]} | {paper[1]} |")
-    lines += ["", "Mean ± sample std over the nets of each row. Paper: Rozsa et al. 2016, Table 1 "
-              "(9 nets per row; Goodfellow et al.'s .782% / 17.9% row is not reproduced). "
-              f"{INFIMNIST_ROW}: our random affine + elastic deformations, not InfiMNIST's data."]
-    return "\n".join(lines) + "\n", numbers
+        p = paper.get(row, ("", ""))
+        images = (f"{np.mean(n['training_images']):,.0f}" if n.get("training_images") else "—")
+        lines.append(f"| {row} | {_mean_std(n['mnist'])} | {_mean_std(n['adversarial'])} | {n['nets']} | {images} | "
+                     f"{p[0]} | {p[1]} | {f'{paper_images[row]:,}' if row in paper_images else ''} |")
+    lines += ["", "Mean ± sample std over the nets of each row; adversarial = error on the held-out set "
+              f"({spec['heldout_types']} types from the MNIST test digits, drawn evenly from every base net, "
+              "never trained on). Paper: Rozsa et al. 2016, Table 1 (9 nets per row; Goodfellow et al.'s "
+              ".782% / 17.9% row is not reproduced). InfiMNIST-style: our random affine + elastic deformations, "
+              "not InfiMNIST's data. Training images of the paper: Sec. 5.2 (FGV 37,663; HC-D-9 and "
+              "HC-D-9-1.05 \"approximately 340K\"; InfiMNIST 1M)."]
+    if tau is not None:
+        value = "none (every successful search)" if tau["tau"] is None else f"{tau['tau']:.4f}"
+        lines += ["", f"## PASS threshold of the training rows: tau = {value} ({tau['mode']})", "",
+                  "| Row | kept per net | found per net | kept per 60K digits (ours, scaled) | paper |",
+                  "|---|---|---|---|---|"]
+        for row, t in tau["rows"].items():
+            kept, found = ", ".join(map(str, t["kept_per_net"])), ", ".join(map(str, t["found_per_net"]))
+            theirs = f"{t['paper']:,}" if t.get("paper") else ""
+            lines.append(f"| {row} | {kept} | {found} | {t['kept_per_60k_digits']:,.0f} | {theirs} |")
+    if bins:
+        lines += ["", "## Fig. 6: fine-tuned on HC-D images by PASS range", "",
+                  "| PASS range | nets | MNIST | Adversarial |", "|---|---|---|---|"]
+        for label, b in bins.items():
+            lines.append(f"| {label} | {b['nets']} | {_mean_std(b['mnist'])} | {_mean_std(b['adversarial'])} |")
+    checked = claims(numbers, bins) if spec.get("claims", True) else []
+    if checked:
+        lines += ["", f"## Does it reproduce? The claims of Sec. 5.2 (one-sided Welch t-tests, alpha = {ALPHA})", ""]
+        for c in checked:
+            lines.append(f"- **({c['id']}) {c['claim']}: {c['verdict']}.** " + "; ".join(c["evidence"]) + ".")
+    return "\n".join(lines) + "\n", {"rows": numbers, "bins": bins, "tau": tau, "claims": checked}
 
 
 def _records(gen: Path) -> list[dict]:
@@ -70,13 +189,13 @@ def _type(r: dict) -> str:
     return r["method"] if scale == 1.0 else f"{r['method']} x{scale:g}"
 
 
-def figures(outputs: dict[str, Path], profile: Profile, results: Path) -> list[str]:
+def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    note = f" ({profile.name} profile)"
+    note = f" ({spec['profile']} profile)"
     made = []
     gen = outputs["gen-test1"]
     recs = _records(gen)
@@ -146,38 +265,53 @@ def figures(outputs: dict[str, Path], profile: Profile, results: Path) -> list[s
     plt.close(fig)
     made.append("fig5_metrics.png")
 
-    # Fig. 6: error of nets fine-tuned on HC-D hard positives binned by PASS.
-    bins = [(lo, hi) for lo, hi in profile.pass_bins]
-    errs = np.array([_errors(outputs[f"eval-pass{lo:.2f}-{min(hi, 1.0):.2f}"]) for lo, hi in bins])
-    labels = [f"{lo:.2f}-{min(hi, 1.0):.2f}" for lo, hi in bins]
-    fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot(labels, errs[:, 0], "o-", label="MNIST test error (%)")
-    ax2 = ax1.twinx()
-    ax2.plot(labels, errs[:, 1], "s--", color="C1", label="adversarial test error (%)")
-    ax1.set_xlabel("PASS range of the HC-D training images")
-    ax1.set_ylabel("MNIST error (%)")
-    ax2.set_ylabel("adversarial error (%)")
-    fig.legend(loc="upper center")
-    ax1.set_title("Fig. 6: training on hard positives by PASS range" + note, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(results / "fig6_pass_bins.png", dpi=100)
-    plt.close(fig)
-    made.append("fig6_pass_bins.png")
+    # Fig. 6: error of nets fine-tuned on HC-D hard positives binned by PASS (mean ± std over the bin's nets).
+    labels = [label for label, _ in spec["bins"]]
+    if labels:
+        per_bin = [np.array([_errors(outputs[e]) for e in evals]) for _, evals in spec["bins"]]
+        mean = np.array([e.mean(axis=0) for e in per_bin])
+        std = np.array([e.std(axis=0, ddof=1) if len(e) > 1 else np.zeros(2) for e in per_bin])
+        fig, ax1 = plt.subplots(figsize=(7, 4.6))
+        x = np.arange(len(labels))
+        ax1.errorbar(x, mean[:, 0], yerr=std[:, 0], fmt="o-", capsize=3, label="MNIST test error (%)")
+        ax2 = ax1.twinx()
+        ax2.errorbar(x + 0.05, mean[:, 1], yerr=std[:, 1], fmt="s--", color="C1", capsize=3,
+                     label="adversarial test error (%)")
+        ax1.set_xticks(x, labels)
+        ax1.set_xlabel("PASS range of the HC-D training images")
+        ax1.set_ylabel("MNIST error (%)")
+        ax2.set_ylabel("adversarial error (%)")
+        nets = len(spec["bins"][0][1])
+        # title on top, legend below the axes: neither hides the other
+        fig.suptitle(f"Fig. 6: training on hard positives by PASS range{note}, {nets} net(s) per bin", fontsize=10)
+        fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+        fig.savefig(results / "fig6_pass_bins.png", dpi=100)
+        plt.close(fig)
+        made.append("fig6_pass_bins.png")
     return made
 
 
-def write_report(profile: Profile, outputs: dict[str, Path], results: Path) -> dict:
+def write_report(spec: dict, outputs: dict[str, Path], results: Path,
+                 stage_seconds: dict[str, float] | None = None) -> dict:
+    """table1.md, table1.json, the figures, stage_times.json (if given) and a README into `results`."""
+    results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    text, numbers = table1(profile, outputs)
+    text, numbers = table1(spec, outputs)
     (results / "table1.md").write_text(text)
-    (results / "table1.json").write_text(json.dumps({"profile": profile.name, "rows": numbers}, indent=1))
-    made = figures(outputs, profile, results)
+    (results / "table1.json").write_text(json.dumps({"profile": spec["profile"], **numbers}, indent=1))
+    if stage_seconds is not None:
+        (results / "stage_times.json").write_text(json.dumps(stage_seconds, indent=1, sort_keys=True))
+    made = figures(outputs, spec, results)
     (results / "README.md").write_text(
-        f"# Results ({profile.name} profile)\n\n"
+        f"# Results ({spec['profile']} profile)\n\n"
         "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/pipeline/table1.py`.\n\n"
         "- `table1.md` / `table1.json`: MNIST test error and error on the held-out adversarial set "
         "(14 types, generated from the MNIST test digits on every base net) per row, mean ± std over "
-        "the row's nets, beside the paper's numbers.\n"
+        "the row's nets and the training images per net, beside the paper's numbers; the PASS threshold "
+        "tau and what it keeps of every row; Fig. 6's numbers; the claims of Sec. 5.2 checked with "
+        "one-sided Welch t-tests.\n"
+        "- `stage_times.json`: seconds each stage's function ran (from its `.stage.json`).\n"
         "- `fig2_adversarials.png`: one test digit and its minimal FGS, FGV, HC-D-1, HC-D-2 adversarials "
         "on base net 1, perturbations scaled to [-1, 1] (black -1, white +1), captions (PASS, L2 per "
         "pixel = ||δ||₂ / 784, L∞).\n"
@@ -185,7 +319,7 @@ def write_report(profile: Profile, outputs: dict[str, Path], results: Path) -> d
         "(boxes: quartiles, whiskers 1.5 IQR).\n"
         "- `fig5_metrics.png`: per adversarial type, mean PASS and mean L2 / L∞ each scaled so the "
         "largest type is 1.\n"
-        "- `fig6_pass_bins.png`: base net 1 fine-tuned on its HC-D-1..9 images (all scales) whose PASS "
-        "falls in each range, plus the 60K digits; MNIST and held-out adversarial error.\n"
+        "- `fig6_pass_bins.png`: base nets fine-tuned on their HC-D-1..9 images (all scales) whose PASS "
+        "falls in each range, plus the 60K digits; MNIST and held-out adversarial error, mean ± std.\n"
     )
     return {"table": text, "figures": made}

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from hcgen.pipeline.table1 import DONE, Stage, folders, run_stage, topological
+from hcgen.pipeline.stages import DONE, Stage, folders, run_stage, topological
 
 # One core per worker: BLAS, OpenMP and hcgen's own PASS threads (metrics._n_workers) all single.
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HCGEN_THREADS": "1"}
@@ -38,7 +38,7 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
              n_workers: Optional[int] = None, retries: int = 2,
              progress: Optional[Callable[[dict], None]] = None,
              weights: Optional[dict[str, float]] = None, refresh_s: float = 2.0) -> dict[str, Path]:
-    """Execute `graph` on Dask; returns stage -> output folder, like `table1.run_sequential`.
+    """Execute `graph` on Dask; returns stage -> output folder, like `stages.run_sequential`.
 
     Stages are submitted as soon as their inputs are finished, at most one per worker thread at a
     time (so each lands on a worker that is free, in the graph's order), each with the finished input
