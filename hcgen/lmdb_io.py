@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import lmdb
 import numpy as np
 
+from hcgen.fileio import atomic_write
+
 KEY_DIGITS = 8
 METADATA_FILE = "metadata.csv"
 _MAX_KEYS = 10**KEY_DIGITS  # beyond this '%08d' keys stop sorting in index order
@@ -155,7 +157,10 @@ def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
     # lock=False: readers may sit on read-only media; do not read an LMDB while another process writes it.
-    return lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+    except lmdb.Error as exc:
+        raise ValueError(f"{path} is not a readable LMDB ({exc})") from None
 
 
 def _contiguous_count(env: lmdb.Environment, path: Path) -> int:
@@ -229,9 +234,12 @@ class MetadataTable:
     def __init__(self, path: str | os.PathLike, columns: Sequence[str] | None = None):
         self.path = Path(path)
         self._index: tuple[np.ndarray, np.ndarray, int] | None = None
+        first = b""
         if self.path.exists():
-            with open(self.path, newline="") as f:
-                header = next(csv.reader([f.readline()]), [])
+            with open(self.path, "rb") as f:
+                first = f.readline()
+        if self.path.exists() and (first.endswith(b"\n") or columns is None):
+            header = next(csv.reader([first.decode(errors="replace")]), [])
             if not header or header[0] != "key":
                 raise ValueError(f"{self.path} is not a metadata table (first header column must be 'key')")
             self.columns = tuple(header[1:])
@@ -240,11 +248,11 @@ class MetadataTable:
                                  "write to a new LMDB or delete the table")
         elif columns is None:
             raise FileNotFoundError(f"no metadata table at {self.path}")
-        else:
+        else:  # a new table, or an empty / partial header left by a crash (no row follows one)
             self.columns = tuple(columns)
             if len(set(self.columns)) != len(self.columns) or "key" in self.columns:
                 raise ValueError(f"metadata columns must be unique and not 'key': {list(self.columns)}")
-            self._write_text(self._format([list(self.columns)], ["key"]), "wb")
+            atomic_write(self.path, self._format([list(self.columns)], ["key"]))
 
     @staticmethod
     def _format(rows: Sequence[Sequence[object]], keys: Sequence[str]) -> str:
@@ -345,7 +353,10 @@ class DatumWriter:
     def __init__(self, path: str | os.PathLike, metadata_columns: Sequence[str] | None = None,
                  map_size: int = 1 << 28):
         self.path = Path(path)
-        self._env = lmdb.open(str(self.path), map_size=map_size, meminit=False)
+        try:
+            self._env = lmdb.open(str(self.path), map_size=map_size, meminit=False)
+        except lmdb.Error as exc:
+            raise ValueError(f"cannot open {self.path} as an LMDB to write ({exc})") from None
         try:
             self.count = _contiguous_count(self._env, self.path)
         except ValueError:

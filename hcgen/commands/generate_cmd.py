@@ -81,13 +81,18 @@ def run(args: argparse.Namespace) -> int:
     from hcgen.caffe_net import CaffeNet, preprocessing_preset
     from hcgen.pipeline.generate import generate
 
+    from hcgen.pipeline.generate import parse_methods, parse_scales, parse_shard
+    from hcgen.validate import check_deploy
+
+    parse_methods(args.methods), parse_scales(args.scales), parse_shard(args.shard)  # option errors first
+    check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
     net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess), layer=args.layer)
     settings = GenerateSettings(
         model=args.model, weights=args.weights, source=args.input, split=args.split,
         methods=args.methods, scales=args.scales, min_pass=args.min_pass, limit=args.limit,
         seed=args.seed, batch_size=args.batch, shard=args.shard, preprocess=args.preprocess,
     )
-    with tqdm(desc="generate", unit="img") as bar:
+    with tqdm(desc="generate", unit="img", disable=None) as bar:
         def progress(n_images: int, total: int, stats: dict) -> None:
             bar.total = total
             bar.update(n_images)

@@ -45,9 +45,14 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
     (datasets without the sidecar or the columns get only their ALL row). `progress(n)` is called
     after each batch of n records.
     """
+    from hcgen.validate import check_deploy
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
     for path in datasets:
         if not (Path(path) / "data.mdb").is_file():
             raise FileNotFoundError(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
+    check_deploy(deploy, weights)  # what would abort Caffe, as a ValueError (CaffeNet needs backward too)
     net = CaffeNet(deploy, weights, preprocessing=preprocessing, batch_size=batch_size)
     results: list[ErrorRate] = []
     for path in datasets:
@@ -57,6 +62,10 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
         groups: dict[str, list[int]] = {}  # group -> [records, errors]
         records = errors = 0
         for keys, images, labels in iter_lmdb(path, batch_size=batch_size):
+            if labels.min() < 0 or labels.max() >= net.num_classes:
+                bad = int(labels[(labels < 0) | (labels >= net.num_classes)][0])
+                raise ValueError(f"{path}: label {bad} is outside the net's {net.num_classes} classes; "
+                                 "an LMDB of another task?")
             wrong = net.predict(images)[0] != labels
             records += len(labels)
             errors += int(wrong.sum())

@@ -13,16 +13,23 @@ Output folder (it is itself the LMDB that `caffe train` reads):
   failures.csv       one row per (source image, method) without a record: the search failed
                      (status), the record fell below --min-pass ("below_min_pass"), or the source
                      image itself is misclassified (method "*", "source_misclassified")
-  generate.json      the settings; a rerun with the same settings resumes, other settings are refused
+  generate.json      the settings, the resolved --layer, the sha256 of the weights and the prototxt,
+                     the preprocessing, the hcgen version and the source's size; a rerun with the
+                     same ones resumes, anything else is refused, naming what differs
   summary.json       counts per method, failures, PASS quantiles (written at the end)
+  done.txt           the committed batch numbers
 
 Work is done in batches of source images, each committed atomically (failures rows, then metadata
 + LMDB in one transaction, then the batch number in done.txt), so a killed run restarted with the
-same command neither loses nor duplicates records.
+same command neither loses nor duplicates records. The sidecars are replaced atomically
+(`hcgen.fileio`), a partial metadata header or failures row left by a crash is repaired on resume,
+and the folder is locked (`hcgen.locks`) while a run writes it: a second run on it exits at once.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -32,8 +39,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hcgen import directions, metrics, search
+from hcgen import __version__, directions, metrics, search
+from hcgen.fileio import atomic_write, atomic_write_json
 from hcgen.lmdb_io import METADATA_FILE, DatumWriter, MetadataTable, lmdb_count, read_lmdb
+from hcgen.locks import LOCK_FILE, folder_lock
 
 COLUMNS = ("source_index", "batch", "label", "method", "k", "hot", "scale", "eps", "pred",
            "pass", "aligned", "l2", "l2_per_pixel", "linf")
@@ -242,23 +251,38 @@ class GenerateSettings:
 
 
 def _read_done(path: Path) -> set[int]:
-    return {int(line) for line in path.read_text().split()} if path.exists() else set()
+    """Batch numbers in done.txt (a line cut short by a crash does not count)."""
+    if not path.exists():
+        return set()
+    return {int(line) for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and line.strip().isdigit()}
+
+
+def _done_batches(out: Path, mine: Sequence[int], count: int) -> set[int]:
+    """The batches of `mine` committed in `out`, which holds `count` records: done.txt, plus every batch
+    up to the batch of the last record (a kill between the LMDB commit and done.txt leaves its number
+    out of done.txt)."""
+    done = _read_done(out / "done.txt")
+    if count and (out / METADATA_FILE).exists():
+        last = MetadataTable(out / METADATA_FILE).get([count - 1])[0]
+        if last:
+            done |= {b for b in mine if b <= int(last["batch"])}
+    return done & set(mine)
 
 
 def _rewrite_failures(path: Path, resume_batch: int) -> None:
-    """Drop failure rows of batches that were not committed (a crash mid-batch)."""
-    if not path.exists():
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(FAILURE_COLUMNS)
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if len(r) == len(FAILURE_COLUMNS) and int(r[0]) < resume_batch]
-    if len(kept) != len(rows):
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+    """Keep the header and the complete failure rows of committed batches (< `resume_batch`): rows of a
+    batch in flight at a crash, a row cut short and a partial header are dropped (atomic rewrite)."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    header, body = list(FAILURE_COLUMNS), rows[1:] if rows and rows[0] == list(FAILURE_COLUMNS) else rows
+    kept = [r for r in body if len(r) == len(FAILURE_COLUMNS) and r[0].isdigit() and int(r[0]) < resume_batch]
+    if [header] + kept != rows:
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header] + kept)
+        atomic_write(path, buf.getvalue())
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -268,11 +292,76 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+_OWN_FILES = {"generate.json", "data.mdb", "lock.mdb", METADATA_FILE, "failures.csv", "done.txt", "summary.json",
+              LOCK_FILE}
+
+
+def _file_sha256(path: str | os.PathLike | None) -> Optional[str]:
+    from hcgen.validate import sha256
+
+    return sha256(path) if path is not None and Path(path).is_file() else None
+
+
+def recorded_settings(net, settings: GenerateSettings, source_images: int, batches: int) -> dict:
+    """What generate.json records: the options, and what decides the records beyond them (the layer the
+    net resolved, the content of the weights and the prototxt, the preprocessing, the hcgen version,
+    the size of the source)."""
+    pre = getattr(net, "preprocessing", None)
+    record = {**asdict(settings),
+              "layer": getattr(net, "layer", None),
+              "model_sha256": _file_sha256(settings.model), "weights_sha256": _file_sha256(settings.weights),
+              "preprocessing": asdict(pre) if pre is not None and hasattr(pre, "__dataclass_fields__") else repr(pre),
+              "hcgen_version": __version__, "source_images": source_images, "batches": batches}
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:10] + "..." + text[-10:]
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    """'name: before -> now' for each recorded setting that differs (keys an older hcgen did not record
+    are not compared)."""
+    defaults = {f.name: f.default for f in fields(GenerateSettings) if f.default is not MISSING}
+    previous = {**defaults, **previous}
+    return [f"{k}: {_short(previous[k])} there, {_short(current[k])} now"
+            for k in current if k in previous and previous[k] != current[k]]
+
+
+def _open_settings(out: Path, record: dict) -> None:
+    """Write out/generate.json for a new run, or check that it records the same run (resume)."""
+    settings_file = out / "generate.json"
+    previous = None
+    if settings_file.exists():
+        try:
+            previous = json.loads(settings_file.read_text())
+        except ValueError:  # an empty or partial file (written in place by hcgen before 0.1.1)
+            if lmdb_count(out) or (out / "done.txt").exists():
+                raise ValueError(f"{settings_file} is damaged and {out} holds records; the run cannot be "
+                                 "resumed safely: use another --out or delete this one") from None
+    else:
+        foreign = sorted(p.name for p in out.iterdir() if p.name in _OWN_FILES - {LOCK_FILE}
+                         or not p.name.startswith("."))
+        if foreign:
+            raise ValueError(f"{out} is not empty ({', '.join(foreign[:3])}) and holds no `hcgen generate` run "
+                             "(no generate.json); use a new or empty --out")
+    if previous is None:
+        atomic_write_json(settings_file, record)
+        return
+    changed = _differences(previous, record)
+    if changed:
+        names = ", ".join(c.split(":")[0] for c in changed)
+        raise ValueError(f"{out} holds a generation with other settings ({names}): {'; '.join(changed)}; "
+                         "use another --out or the same options and files to resume")
+
+
 def generate(net, settings: GenerateSettings, out: str | os.PathLike,
              progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
     """Run (or resume) a generation into the LMDB folder `out`; returns the summary (also summary.json).
 
-    `progress(images_in_batch, images_to_do, stats)` is called after each committed batch.
+    `progress(images_in_batch, images_to_do, stats)` is called after each committed batch. The folder
+    is locked for the run (`hcgen.locks.FolderInUse` if another run holds it).
     """
     out = Path(out)
     methods = parse_methods(settings.methods)
@@ -282,56 +371,63 @@ def generate(net, settings: GenerateSettings, out: str | os.PathLike,
     if settings.batch_size < 1:
         raise ValueError(f"--batch must be positive, got {settings.batch_size}")
     k_shard, n_shards = parse_shard(settings.shard)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; generate writes an LMDB folder: choose another path")
     images, labels = load_source(settings.source, settings.split)
-    if tuple(images.shape[1:]) != tuple(net.input_shape):
-        raise ValueError(f"source images have shape {images.shape[1:]} but the net takes {net.input_shape}")
+    check_source(images, labels, net, settings.source)
     chosen = select(len(images), settings.limit, settings.seed)
     batches = [chosen[i:i + settings.batch_size] for i in range(0, len(chosen), settings.batch_size)]
     mine = [b for b in range(len(batches)) if b % n_shards == k_shard]
+    record = recorded_settings(net, settings, len(images), len(batches))
 
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "generate.json"
-    if settings_file.exists():
-        # settings added in later versions take their defaults in older files
-        defaults = {f.name: f.default for f in fields(GenerateSettings) if f.default is not MISSING}
-        previous = {**defaults, **json.loads(settings_file.read_text())}
-        current = asdict(settings)
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
-            raise ValueError(f"{out} holds a generation with other settings ({', '.join(changed)}); "
-                             "use another --out or the same options to resume")
-    else:
-        settings_file.write_text(json.dumps(asdict(settings), indent=1))
-
-    done_file, failures_file = out / "done.txt", out / "failures.csv"
-    with DatumWriter(out, metadata_columns=COLUMNS) as writer:
-        done = _read_done(done_file)
-        if writer.count:
-            last = list(MetadataTable(out / METADATA_FILE).get([writer.count - 1]))[0]
-            done |= {b for b in mine if b <= int(last["batch"])}
-        todo = [b for b in mine if b not in done]
-        _rewrite_failures(failures_file, todo[0] if todo else len(batches))
-        stats = {"forwards": 0, "searches": 0}
-        total = int(sum(len(batches[b]) for b in todo))
-        for i, b in enumerate(todo):
-            idx = batches[b]
-            r = generate_batch(net, images[idx], labels[idx], idx, b, methods, scales, settings.min_pass)
-            with open(failures_file, "a", newline="") as f:
-                csv.writer(f).writerows(r.failures)
-                f.flush()
-                os.fsync(f.fileno())
-            if len(r.images):
-                writer.write(r.images, r.labels, r.metadata)
-            with open(done_file, "a") as f:
-                f.write(f"{b}\n")
-            stats["forwards"] += r.forwards
-            stats["searches"] += r.searches
-            if progress:
-                progress(len(idx), total, {"records": writer.count, **stats})
-    summary = summarize(out, methods)
-    summary["source_images"] = int(sum(len(batches[b]) for b in mine))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with folder_lock(out):
+        _open_settings(out, record)
+        done_file, failures_file = out / "done.txt", out / "failures.csv"
+        with DatumWriter(out, metadata_columns=COLUMNS) as writer:
+            done = _done_batches(out, mine, writer.count)
+            todo = [b for b in mine if b not in done]
+            _rewrite_failures(failures_file, todo[0] if todo else len(batches))
+            stats = {"forwards": 0, "searches": 0}
+            total = int(sum(len(batches[b]) for b in todo))
+            for b in todo:
+                idx = batches[b]
+                r = generate_batch(net, images[idx], labels[idx], idx, b, methods, scales, settings.min_pass)
+                with open(failures_file, "a", newline="") as f:
+                    csv.writer(f).writerows(r.failures)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if len(r.images):
+                    writer.write(r.images, r.labels, r.metadata)
+                with open(done_file, "a") as f:
+                    f.write(f"{b}\n")
+                stats["forwards"] += r.forwards
+                stats["searches"] += r.searches
+                if progress:
+                    progress(len(idx), total, {"records": writer.count, **stats})
+        summary = summarize(out, methods)
+        summary["source_images"] = int(sum(len(batches[b]) for b in mine))
+        atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def check_source(images: np.ndarray, labels: np.ndarray, net, source) -> None:
+    """The source images fit the net's input (channels first, in words) and the labels its classes."""
+    where = source if source is not None else "the MNIST source"
+    if not len(images):
+        raise ValueError(f"{where} holds no images")
+    shape, want = tuple(images.shape[1:]), tuple(net.input_shape)
+    if shape[:1] != want[:1] and len(want) == 3:
+        kind = {1: "grey (1 channel)", 3: "colour (3 channels)"}
+        raise ValueError(f"{where} holds {kind.get(shape[0], f'{shape[0]}-channel')} images {shape} but the net "
+                         f"takes {kind.get(want[0], f'{want[0]}-channel')} input {want}; use a matching source "
+                         "or net (and --preprocess)")
+    if shape != want:
+        raise ValueError(f"{where} holds images of shape {shape} but the net takes {want}")
+    classes = getattr(net, "num_classes", None)
+    if classes is not None and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels[(labels < 0) | (labels >= classes)]
+        raise ValueError(f"{where} has labels outside the net's {classes} classes [0, {classes}), e.g. {int(bad[0])} "
+                         f"({len(bad)} of {len(labels)}); a source labelled for another net?")
 
 
 def summarize(out: str | os.PathLike, methods: Sequence[Method] = ()) -> dict:
@@ -355,22 +451,56 @@ def summarize(out: str | os.PathLike, methods: Sequence[Method] = ()) -> dict:
     return {"records": lmdb_count(out), "methods": per, "pass_quantiles": quantiles}
 
 
+MERGE_FILE = "merge.json"  # in a merge's output until it is complete: what it merges
+
+
+def _shard_settings(path: Path) -> dict:
+    settings_file = path / "generate.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"shard folder not found: {path}")
+    if not settings_file.exists():
+        raise FileNotFoundError(f"{path} is not a `hcgen generate` output (no generate.json)")
+    try:
+        return json.loads(settings_file.read_text())
+    except ValueError:
+        raise ValueError(f"{settings_file} is damaged; rerun that shard's `hcgen generate` into a new folder") from None
+
+
+def _missing(path: Path, settings: dict) -> Optional[tuple[int, int]]:
+    """(batches lacking, batches of the shard) of a shard output, None if complete."""
+    k, n = parse_shard(settings.get("shard", "0/1"))
+    if "batches" not in settings:  # written by an older hcgen: only summary.json (written last) tells
+        return None if (path / "summary.json").exists() else (-1, -1)
+    mine = [b for b in range(settings["batches"]) if b % n == k]
+    lacking = len(set(mine) - _done_batches(path, mine, lmdb_count(path)))
+    return (lacking, len(mine)) if lacking else None
+
+
+def _lock_if_writable(stack: contextlib.ExitStack, path: Path) -> None:
+    """Lock a shard we only read (so that no run writes it meanwhile), unless it is on read-only media."""
+    try:
+        stack.enter_context(folder_lock(path))
+    except PermissionError:
+        pass
+
+
 def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> int:
     """Merge the outputs of ``--shard K/N`` runs (K = 0..N-1) into `out`, exactly as the unsharded run.
 
-    Records are written in batch order, which is the unsharded run's key order, so keys, Datums and
-    metadata rows are identical to one `generate` over all batches; failures and done batches are
-    merged likewise, and `out/generate.json` holds the settings with ``shard = "0/1"``, so `generate`
-    accepts `out` as that run (e.g. to resume or extend it). Returns the number of records.
+    Every shard must be complete (ValueError naming each one that is not, and how many batches it
+    lacks). Records are written in batch order, which is the unsharded run's key order, so keys,
+    Datums and metadata rows are identical to one `generate` over all batches; failures and done
+    batches are merged likewise, and `out/generate.json` (written last) holds the settings with
+    ``shard = "0/1"``, so `generate` accepts `out` as that run (e.g. to resume or extend it). `out` may
+    exist empty; a merge killed midway resumes when rerun (`out/merge.json` says what it merges).
+    The shards and `out` are locked meanwhile. Returns the number of records.
     """
     from hcgen.lmdb_io import read_raw
 
     paths = [Path(s) for s in shards]
-    settings = []
-    for p in paths:
-        if not (p / "generate.json").exists():
-            raise FileNotFoundError(f"{p} is not a `hcgen generate` output (no generate.json)")
-        settings.append(json.loads((p / "generate.json").read_text()))
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise ValueError("a shard folder is given twice")
+    settings = [_shard_settings(p) for p in paths]
     specs = [parse_shard(s.get("shard", "0/1")) for s in settings]
     n = specs[0][1]
     got = sorted(f"{k}/{m}" for k, m in specs)
@@ -379,39 +509,77 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         raise ValueError(f"merge needs each of the shards {wanted} once, got {got}")
     common = [{k: v for k, v in s.items() if k != "shard"} for s in settings]
     if any(c != common[0] for c in common):
-        raise ValueError("the shards were generated with different settings; they cannot be merged")
+        diff = sorted(k for c in common for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k))
+        raise ValueError(f"the shards were generated with different settings ({', '.join(dict.fromkeys(diff))}); "
+                         "they cannot be merged")
     out = Path(out)
-    if (out / "data.mdb").exists():
-        raise ValueError(f"{out} already holds an LMDB; merge into a new folder")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; merge writes an LMDB folder: choose another path")
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise ValueError(f"--out {out} is one of the shards; merge into a new folder")
+    merged = {**settings[0], "shard": "0/1"}
+    plan = {"shards": [str(p.resolve()) for p in paths], "settings": merged}
+    with contextlib.ExitStack() as stack:
+        for p in sorted(paths, key=lambda p: str(p.resolve())):
+            _lock_if_writable(stack, p)
+        incomplete = [(p, s["shard"], m) for p, s in zip(paths, settings) for m in [_missing(p, s)] if m]
+        if incomplete:
+            raise ValueError("cannot merge unfinished shards: " + "; ".join(
+                f"{shard} ({p}) lacks {lack} of {total} batches" if lack >= 0 else f"{shard} ({p}) has no summary.json"
+                for p, shard, (lack, total) in incomplete) + "; rerun their `hcgen generate --shard` commands to finish")
+        stack.enter_context(folder_lock(out))
+        if (out / "generate.json").exists() and not (out / MERGE_FILE).exists():
+            if json.loads((out / "generate.json").read_text()) != merged:
+                raise ValueError(f"{out} holds another generation; merge into a new folder")
+            if (out / "summary.json").exists():
+                return lmdb_count(out)  # merged before: nothing to do
+        if (out / MERGE_FILE).exists():
+            if json.loads((out / MERGE_FILE).read_text()) != plan:
+                raise ValueError(f"{out} holds an unfinished merge of other shards ({out / MERGE_FILE}); "
+                                 "merge into a new folder")
+        else:
+            present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+            if present:
+                raise ValueError(f"{out} is not empty ({', '.join(present[:3])}); merge into a new or empty folder")
+            atomic_write_json(out / MERGE_FILE, plan)
+        count = _merge_records(paths, out, read_raw)
+        failures = []
+        for p in paths:
+            with open(p / "failures.csv", newline="") as f:
+                failures += list(csv.reader(f))[1:]
+        failures.sort(key=lambda r: int(r[0]))  # stable: keeps each batch's own order
+        buf = io.StringIO()
+        csv.writer(buf).writerows([list(FAILURE_COLUMNS)] + failures)
+        atomic_write(out / "failures.csv", buf.getvalue())
+        done = sorted(set().union(*(_read_done(p / "done.txt") for p in paths)))
+        atomic_write(out / "done.txt", "".join(f"{b}\n" for b in done))
+        summary = summarize(out, parse_methods(settings[0]["methods"]))
+        shard_summaries = [json.loads((p / "summary.json").read_text()) for p in paths if (p / "summary.json").exists()]
+        summary["source_images"] = (sum(x["source_images"] for x in shard_summaries)
+                                    if len(shard_summaries) == n else None)
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "generate.json", merged)  # last: from here on `out` is a finished generation
+        (out / MERGE_FILE).unlink()
+    return count
+
+
+def _merge_records(paths: Sequence[Path], out: Path, read_raw) -> int:
+    """Append the shards' records to `out` in batch order, continuing after the records already there."""
     order = []  # (batch, shard, record index)
     rows: list[list[dict]] = []
     for s, p in enumerate(paths):
-        table = list(MetadataTable(p / METADATA_FILE).rows()) if (p / METADATA_FILE).exists() else []
+        count = lmdb_count(p)
+        table = list(MetadataTable(p / METADATA_FILE).rows())[:count] if (p / METADATA_FILE).exists() else []
+        if len(table) != count:
+            raise ValueError(f"{p}: {count} records but {len(table)} metadata rows; the shard is damaged")
         rows.append(table)
         order += [(int(r["batch"]), s, i) for i, r in enumerate(table)]
     order.sort()
-    out.mkdir(parents=True)
     with DatumWriter(out, metadata_columns=COLUMNS) as writer:
-        for start in range(0, len(order), 4096):
+        for start in range(writer.count, len(order), 4096):
             chunk = order[start:start + 4096]
             raw = {s: dict(zip(idx, read_raw(paths[s], idx)))
                    for s in {s for _, s, _ in chunk} for idx in [[i for _, t, i in chunk if t == s]]}
             writer.write_raw([raw[s][i] for _, s, i in chunk],
                              {c: [rows[s][i][c] for _, s, i in chunk] for c in COLUMNS})
-        count = writer.count
-    failures = []
-    for p in paths:
-        with open(p / "failures.csv", newline="") as f:
-            failures += list(csv.reader(f))[1:]
-    failures.sort(key=lambda r: int(r[0]))  # stable: keeps each batch's own order
-    with open(out / "failures.csv", "w", newline="") as f:
-        csv.writer(f).writerows([list(FAILURE_COLUMNS)] + failures)
-    done = sorted(set().union(*(_read_done(p / "done.txt") for p in paths)))
-    (out / "done.txt").write_text("".join(f"{b}\n" for b in done))
-    (out / "generate.json").write_text(json.dumps({**settings[0], "shard": "0/1"}, indent=1))
-    summary = summarize(out, parse_methods(settings[0]["methods"]))
-    shard_summaries = [json.loads((p / "summary.json").read_text()) for p in paths if (p / "summary.json").exists()]
-    summary["source_images"] = (sum(x["source_images"] for x in shard_summaries)
-                                if len(shard_summaries) == n else None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return count
+        return writer.count

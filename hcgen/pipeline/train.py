@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from hcgen.fileio import atomic_write, atomic_write_json
 from hcgen.lmdb_io import METADATA_FILE, MetadataTable, lmdb_count, mix_lmdbs
+from hcgen.locks import folder_lock
 
 LOG_FILE = "train.log"
 SOLVER_FILE = "solver.prototxt"
@@ -150,22 +152,42 @@ def _check_lmdb(path: str, role: str, option: str) -> None:
                                 "with `hcgen data mnist` / `hcgen mix`")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the thread that started it dies (Linux prctl
-    PR_SET_PDEATHSIG), so a killed Dask worker or pipeline does not leave caffe training on. Caffe's
-    snapshots make the rerun resume. A no-op where prctl is missing."""
-    try:
-        import ctypes
+# Run in the child instead of `preexec_fn` (unsafe in a threaded parent such as a Dask worker or the PASS
+# thread pool): SIGTERM the child when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG), so
+# a killed Dask worker or pipeline does not leave caffe training on (Caffe's snapshots make the rerun
+# resume); then exec the real command. argv: parent pid, command...
+_DIE_WITH_PARENT = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # no prctl here: the child outlives a killed parent
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the parent died before prctl
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {sys.argv[2]}: {exc.strerror}\\n")
+    sys.exit(127)
+"""
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def die_with_parent(cmd: Sequence[str]) -> list[str]:
+    """`cmd` wrapped so that it is terminated when the calling thread's process dies (see above)."""
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
+def _last_error(lines: Sequence[str]) -> str:
+    """The line of a failed caffe's log that says why (glog FATAL / Check failed), without its prefix."""
+    from hcgen.validate import fatal_line
+
+    return fatal_line("".join(lines))
 
 
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
           seed: int | None = None, train_lmdb: str | os.PathLike | None = None,
           test_lmdb: str | os.PathLike | None = None, iterations: int | None = None,
-          snapshot_every: int | None = None, test_every: int | None = None, blas_threads: int | None = 1,
+          snapshot_every: int | None = None, test_every: int | None = None, test: bool = True,
+          blas_threads: int | None = 1,
           progress: Callable[[TrainProgress], None] | None = None,
           executable: str | None = None) -> TrainResult:
     """Train (or, with `weights`, fine-tune) the net of `solver` with ``caffe train``; results in `out`.
@@ -173,9 +195,10 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     `seed` becomes the solver's ``random_seed``; None reuses the seed of an earlier run in `out`, or
     draws a fresh one (reported in the result). `iterations`, `snapshot_every` and `test_every`
     override ``max_iter``, ``snapshot`` and ``test_interval``. The test phases only report: the weights
-    are the same whatever `test_every` is (tested), and Table 1 tests at the start and end only. `blas_threads` sets OPENBLAS_NUM_THREADS for the subprocess (None: inherit).
+    are the same whatever `test_every` is (tested); `test=False` runs no test phase at all (not even at
+    the start and the end; Table 1 evaluates every net afterwards). `blas_threads` sets OPENBLAS_NUM_THREADS for the subprocess (None: inherit).
     Raises FileNotFoundError for a missing solver, net, weights or LMDB, ValueError when `out` holds
-    snapshots of a run with other settings, and RuntimeError (with the end of the log) when
+    snapshots of a run with other settings, and RuntimeError (with Caffe's error line) when
     ``caffe train`` fails.
     """
     from hcgen import caffe_net  # pycaffe loads lazily: `hcgen doctor` imports caffe_executable without it
@@ -196,9 +219,13 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
         seed = secrets.randbelow(2**31)
     reference = caffe_net.read_solver_parameter(solver_path)
     prefix = out / (Path(reference.snapshot_prefix).name or "net")
+    test_initialization = None
+    if not test:  # an interval past the last iteration and no test before the first: no test phase
+        test_every = (iterations or reference.max_iter) + 1
+        test_initialization = False
     rendered = caffe_net.render_training(
         solver_path, out / NET_FILE, str(prefix), seed, iterations, snapshot_every,
-        {"TRAIN": train_lmdb, "TEST": test_lmdb}, test_every)
+        {"TRAIN": train_lmdb, "TEST": test_lmdb}, test_every, test_initialization)
     for phase, option in (("TRAIN", "--train"), ("TEST", "--test")):
         if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter, no test net
             _check_lmdb(rendered.sources[phase], "training" if phase == "TRAIN" else "test", option)
@@ -210,7 +237,13 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
               f"{f'fine-tuning {weights_path}' if weights_path else 'random initialization'}\n")
     solver_text = header + rendered.solver
 
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):  # one run per folder: a second one fails at once
+        return _run_caffe_train(out, solver_text, rendered, prefix, weights_path, seed, blas_threads,
+                                progress, executable, caffe_net)
+
+
+def _run_caffe_train(out, solver_text, rendered, prefix, weights_path, seed, blas_threads, progress, executable,
+                     caffe_net) -> TrainResult:
     log = out / LOG_FILE
     old = (out / SOLVER_FILE).read_text() if (out / SOLVER_FILE).is_file() else None
     old_net = (out / NET_FILE).read_text() if (out / NET_FILE).is_file() else None
@@ -218,8 +251,8 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
         if _snapshots(prefix):
             raise ValueError(f"{out} holds snapshots of a run with different settings (see {out / SOLVER_FILE}); "
                              "use another output directory or delete it")
-    (out / SOLVER_FILE).write_text(solver_text)
-    (out / NET_FILE).write_text(rendered.net)
+    atomic_write(out / SOLVER_FILE, solver_text)
+    atomic_write(out / NET_FILE, rendered.net)
 
     latest = _complete_snapshot(prefix, caffe_net)
     if latest is not None and latest[0] >= rendered.max_iter:
@@ -231,6 +264,8 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
 
     resumed = latest is not None
     cmd = [executable or caffe_executable(), "train", f"--solver={out / SOLVER_FILE}"]
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"cannot run {cmd[0]} (not found or not executable); install Caffe with `make caffe`")
     if latest is not None:
         cmd.append(f"--snapshot={latest[1]}")
     elif weights_path is not None:
@@ -245,8 +280,8 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
         log_file.write(f"==== hcgen train {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
         log_file.flush()
         try:
-            proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(die_with_parent(cmd), cwd=out, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
         except OSError as exc:
             raise RuntimeError(f"cannot run {cmd[0]} ({exc}); install Caffe with `make caffe`") from exc
         try:
@@ -268,10 +303,10 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     if proc.returncode != 0:
         rc = proc.returncode
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with {rc}"
-        raise RuntimeError(f"caffe train {how}; last lines of {log}:\n{''.join(tail)}")
+        raise RuntimeError(f"caffe train {how}: {_last_error(tail)} (the whole log: {log})")
     final = _complete_snapshot(prefix, caffe_net)
     if final is None:
-        raise RuntimeError(f"caffe train left no snapshot in {out}; last lines of {log}:\n{''.join(tail)}")
+        raise RuntimeError(f"caffe train left no snapshot in {out}: {_last_error(tail)} (the whole log: {log})")
     if final[0] < rendered.max_iter:
         raise RuntimeError(f"caffe train stopped early (interrupted?) and saved {final[1]}; "
                            "rerun the same command to resume")
@@ -337,14 +372,20 @@ def mix_training_data(generated: Sequence[str | os.PathLike], out: str | os.Path
                 "methods": list(methods) if methods is not None else None,
                 "scales": sorted(scale_set) if scale_set is not None else None,
                 "min_pass": min_pass, "max_pass": max_pass}
-    before = lmdb_count(out)
-    record = Path(out) / MIX_FILE
-    if before and (not record.is_file() or json.loads(record.read_text()) != settings):
-        raise ValueError(f"{out} already holds {before} records mixed with other settings (see {record}); "
-                         "write to another LMDB or delete it")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
-    filtered = any(needs.values())
-    count = mix_lmdbs(sources + ([Path(with_mnist)] if with_mnist is not None else []), out, seed,
-                      include=include if filtered else None, progress=progress)
+    with folder_lock(out):  # one writer per output: a second mix (or a Dask retry) fails at once
+        before = lmdb_count(out)
+        record = Path(out) / MIX_FILE
+        try:
+            previous = json.loads(record.read_text()) if record.is_file() else None
+        except ValueError:  # empty or partial (written in place by hcgen before 0.1.1)
+            previous = None
+        if before and previous != settings:
+            why = "other settings" if previous is not None else f"unknown settings ({record} missing or damaged)"
+            raise ValueError(f"{out} already holds {before} records mixed with {why} (see {record}); "
+                             "write to another LMDB or delete it")
+        if previous != settings:
+            atomic_write_json(record, settings, indent=2)
+        filtered = any(needs.values())
+        count = mix_lmdbs(sources + ([Path(with_mnist)] if with_mnist is not None else []), out, seed,
+                          include=include if filtered else None, progress=progress)
     return count, before
