@@ -37,7 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _mnist(args) if args.dataset == "mnist" else _infimnist(args)
+    from hcgen.locks import folder_lock
+
+    with folder_lock(args.out):  # one writer per output folder: a second run exits at once
+        return _mnist(args) if args.dataset == "mnist" else _infimnist(args)
 
 
 def _mnist(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hcgen.fileio import atomic_write_json
 from hcgen.lmdb_io import lmdb_count
 from hcgen.pipeline import train as training
 
@@ -138,6 +139,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         report = {"model": str(Path(args.model).absolute()), "weights": str(Path(args.weights).absolute()),
                   "results": [r.as_dict() for r in results]}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.json, report, indent=2)
         print(f"wrote {args.json}")
     return 0
