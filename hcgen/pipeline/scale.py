@@ -26,10 +26,13 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HCGEN_THREAD
 
 
 def local_cluster(n_workers: Optional[int] = None):
-    """One single-threaded worker process per core, BLAS pinned to one thread."""
+    """One single-threaded worker process per core, BLAS pinned to one thread.
+
+    WORKER_ENV goes to the workers only: each nanny sets `env` in its worker process before the worker
+    starts (this driver's os.environ is left alone; Dask's own ``distributed.nanny.pre-spawn-environ``
+    defaults pin OMP/MKL/OpenBLAS threads before the spawn as well)."""
     from distributed import LocalCluster
 
-    os.environ.update(WORKER_ENV)  # inherited by the worker processes the nanny spawns
     return LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1,
                         processes=True, dashboard_address=":0", env=dict(WORKER_ENV))
 
