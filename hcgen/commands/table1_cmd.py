@@ -41,7 +41,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--estimate", action="store_true",
                    help="print the expected wall time for this profile and worker count, then exit (rates "
                    "from the finished stages in --work when there are any)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_locked)
+
+
+def run_locked(args: argparse.Namespace) -> int:
+    """`run`, holding the work folder's lock (hcgen.locks): a second run on it exits 2 at once."""
+    from hcgen.locks import folder_lock
+    from hcgen.pipeline.table1 import PROFILES
+
+    if args.estimate:  # reads the work folder only
+        return run(args)
+    with folder_lock(Path(args.work) / PROFILES[args.profile].name):
+        return run(args)
 
 
 def _duration(seconds: float) -> str:
