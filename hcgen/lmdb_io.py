@@ -153,6 +153,11 @@ def _decode_batch(keys: list[str], values: list[bytes]) -> tuple[np.ndarray, np.
 
 # --- reading -----------------------------------------------------------------------------------------
 
+def _reason(exc: lmdb.Error, path: str | os.PathLike) -> str:
+    """py-lmdb's message without the path it repeats ('mdb_env_open: PATH: MDB_INVALID: ...')."""
+    return str(exc).split(f"{path}: ", 1)[-1]
+
+
 def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
@@ -160,7 +165,7 @@ def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     except lmdb.Error as exc:
-        raise ValueError(f"{path} is not a readable LMDB ({exc})") from None
+        raise ValueError(f"{path} is not a readable LMDB ({_reason(exc, path)})") from None
 
 
 def _contiguous_count(env: lmdb.Environment, path: Path) -> int:
@@ -356,7 +361,7 @@ class DatumWriter:
         try:
             self._env = lmdb.open(str(self.path), map_size=map_size, meminit=False)
         except lmdb.Error as exc:
-            raise ValueError(f"cannot open {self.path} as an LMDB to write ({exc})") from None
+            raise ValueError(f"cannot open {self.path} as an LMDB to write ({_reason(exc, self.path)})") from None
         try:
             self.count = _contiguous_count(self._env, self.path)
         except ValueError:
