@@ -361,7 +361,8 @@ def read_solver_parameter(prototxt: str | os.PathLike) -> caffe_pb2.SolverParame
 def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snapshot_prefix: str,
                     random_seed: int, max_iter: int | None = None, snapshot: int | None = None,
                     sources: Mapping[str, str | os.PathLike] | None = None,
-                    test_interval: int | None = None) -> TrainingPrototxts:
+                    test_interval: int | None = None,
+                    test_initialization: bool | None = None) -> TrainingPrototxts:
     """Render `solver` and the net it names for a run whose net file will be `net_copy`.
 
     The solver's relative ``net`` is looked up beside the solver, then in the current directory. Sets
@@ -414,6 +415,8 @@ def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snap
         param.snapshot = snapshot
     if test_interval is not None:
         param.test_interval = test_interval
+    if test_initialization is not None:
+        param.test_initialization = test_initialization
     if param.max_iter <= 0:
         raise ValueError(f"{solver} sets no max_iter; give the number of iterations")
     return TrainingPrototxts(text_format.MessageToString(param), text_format.MessageToString(net),

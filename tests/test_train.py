@@ -96,6 +96,16 @@ def test_test_every_changes_the_test_phases_not_the_weights(trained, data, tmp_p
     assert "test_interval: 100\n" in (tmp_path / "solver.prototxt").read_text()
 
 
+def test_no_test_phase_at_all_same_weights(trained, data, tmp_path):
+    """test=False (Table 1's training stages): no test phase, not even at iterations 0 and 300."""
+    result = train(data["solver"], tmp_path, seed=1, train_lmdb=data["train"], test_lmdb=data["test"],
+                   iterations=300, test=False)
+    assert result.tests == [] and "Testing net" not in result.log.read_text()
+    assert result.caffemodel.read_bytes() == trained[0].caffemodel.read_bytes()
+    solver = (tmp_path / "solver.prototxt").read_text()
+    assert "test_interval: 301\n" in solver and "test_initialization: false\n" in solver
+
+
 def test_seed_changes_the_initialization(trained, data, tmp_path):
     other = train(data["solver"], tmp_path, seed=2, train_lmdb=data["train"], test_lmdb=data["test"], iterations=1)
     assert other.losses[0][1] != trained[0].losses[0][1]  # iteration 0: same batch, other random weights
