@@ -248,6 +248,8 @@ class GenerateSettings:
     batch_size: int
     shard: str = "0/1"
     preprocess: str = "lenet"
+    framework: str = "caffe"  # or torch: model = FILE.py:FACTORY or a TorchScript file
+    device: str = "cpu"
 
 
 def _read_done(path: Path) -> set[int]:
@@ -302,6 +304,12 @@ def _file_sha256(path: str | os.PathLike | None) -> Optional[str]:
     return sha256(path) if path is not None and Path(path).is_file() else None
 
 
+def _model_file(model: str) -> str:
+    """The file of a --model: the prototxt / TorchScript file itself, FILE.py of a torch FILE.py:FACTORY."""
+    path, sep, _ = model.rpartition(":")
+    return path if sep and path.endswith(".py") else model
+
+
 def recorded_settings(net, settings: GenerateSettings, source_images: int, batches: int) -> dict:
     """What generate.json records: the options, and what decides the records beyond them (the layer the
     net resolved, the content of the weights and the prototxt, the preprocessing, the hcgen version,
@@ -309,7 +317,8 @@ def recorded_settings(net, settings: GenerateSettings, source_images: int, batch
     pre = getattr(net, "preprocessing", None)
     record = {**asdict(settings),
               "layer": getattr(net, "layer", None),
-              "model_sha256": _file_sha256(settings.model), "weights_sha256": _file_sha256(settings.weights),
+              "model_sha256": _file_sha256(_model_file(settings.model)),
+              "weights_sha256": _file_sha256(settings.weights),
               "preprocessing": asdict(pre) if pre is not None and hasattr(pre, "__dataclass_fields__") else repr(pre),
               "hcgen_version": __version__, "source_images": source_images, "batches": batches}
     return json.loads(json.dumps(record))  # tuples -> lists, as read back
