@@ -163,9 +163,22 @@ def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
         raise FileNotFoundError(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
     # lock=False: readers may sit on read-only media; do not read an LMDB while another process writes it.
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     except lmdb.Error as exc:
         raise ValueError(f"{path} is not a readable LMDB ({_reason(exc, path)})") from None
+    _check_size(env, Path(path))
+    return env
+
+
+def _check_size(env: lmdb.Environment, path: Path) -> None:
+    """A data.mdb cut short (a partial copy, a full disk) would crash this process with SIGBUS on the
+    first read past its end: LMDB maps the file and trusts the page numbers of its meta page."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (path / "data.mdb").stat().st_size
+    if size < needed:
+        env.close()
+        raise ValueError(f"{path}/data.mdb is truncated ({size} bytes, its pages need {needed}); "
+                         "copy or rebuild the LMDB")
 
 
 def _contiguous_count(env: lmdb.Environment, path: Path) -> int:
@@ -362,6 +375,7 @@ class DatumWriter:
             self._env = lmdb.open(str(self.path), map_size=map_size, meminit=False)
         except lmdb.Error as exc:
             raise ValueError(f"cannot open {self.path} as an LMDB to write ({_reason(exc, self.path)})") from None
+        _check_size(self._env, self.path)
         try:
             self.count = _contiguous_count(self._env, self.path)
         except ValueError:

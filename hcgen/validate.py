@@ -149,7 +149,7 @@ def _same_shape(source: tuple, target: tuple, legacy: bool) -> bool:
 
 def check_weights(net, params: dict, weights: str | os.PathLike, model: str | os.PathLike = "the prototxt") -> None:
     """Check that the caffemodel `net` (a NetParameter read from `weights`) gives every layer in `params`
-    (name -> blob shapes) exactly its blobs, with finite values: what Caffe's CopyTrainedLayersFrom
+    (name -> blob shapes) exactly its blobs: what Caffe's CopyTrainedLayersFrom
     CHECKs, plus the layers it would silently leave at their random fillers."""
     path = weights
     source = {layer.name: layer for layer in list(net.layers) + list(net.layer)}
@@ -171,8 +171,15 @@ def check_weights(net, params: dict, weights: str | os.PathLike, model: str | os
             if len(values) != int(np.prod(shape)):
                 raise ValueError(f"{path}: layer {name!r} blob {i} holds {len(values)} values, not "
                                  f"{int(np.prod(shape))}; the caffemodel is damaged")
+
+
+def check_finite(net, weights: str | os.PathLike) -> None:
+    """Every blob of the caffemodel `net` (read from `weights`) holds finite values."""
+    for layer in list(net.layers) + list(net.layer):
+        for i, blob in enumerate(layer.blobs):
+            values = blob.double_data if len(blob.double_data) else blob.data
             if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
-                raise ValueError(f"{path}: layer {name!r} blob {i} holds NaN or infinite weights "
+                raise ValueError(f"{weights}: layer {layer.name!r} blob {i} holds NaN or infinite weights "
                                  "(a diverged training?)")
 
 
@@ -220,6 +227,7 @@ def check_deploy(model: str | os.PathLike, weights: str | os.PathLike, *, need_b
     """Everything `CaffeNet(model, weights)` needs, checked without risking this process (see module doc)."""
     check_prototxt(model, need_backward=need_backward)
     net = read_caffemodel(weights)  # parse errors before the child process
+    check_finite(net, weights)
     info, error = probe(model, weights)
     if info is None:
         raise ValueError(f"Caffe cannot build the net of {model}: {error}")

@@ -124,8 +124,11 @@ def load_source(source: str | os.PathLike | None, split: str = "train") -> tuple
         return images, labels.astype(np.int64)
     if path is not None and imageio.is_image_folder(path):
         return imageio.load_image_folder(path)
-    from hcgen.mnist import load_mnist
+    from hcgen.mnist import load_mnist, missing_files
 
+    if path is not None and path.is_dir() and missing_files(path):
+        raise ValueError(f"--input {path} is neither an LMDB (no data.mdb), a folder of JPEG/PNG images, nor a "
+                         "folder of MNIST IDX files")
     images, labels = load_mnist(source, split)
     return images[:, None], labels.astype(np.int64)
 

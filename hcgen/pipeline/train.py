@@ -150,6 +150,7 @@ def _check_lmdb(path: str, role: str, option: str) -> None:
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"{role} LMDB not found: {path} (no data.mdb); pass {option} or build it "
                                 "with `hcgen data mnist` / `hcgen mix`")
+    lmdb_count(path)  # a damaged or truncated LMDB: a ValueError here, not a crash of caffe train
 
 
 # Run in the child instead of `preexec_fn` (unsafe in a threaded parent such as a Dask worker or the PASS
@@ -210,6 +211,10 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     weights_path = Path(weights).absolute() if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise FileNotFoundError(f"weights not found: {weights} (the base net's .caffemodel to fine-tune)")
+    if weights_path is not None:
+        from hcgen.validate import check_finite, read_caffemodel
+
+        check_finite(read_caffemodel(weights_path), weights)  # truncated, foreign or diverged weights
     for name, value in (("iterations", iterations), ("snapshot_every", snapshot_every), ("test_every", test_every)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
