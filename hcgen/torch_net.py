@@ -26,7 +26,7 @@ import torch
 from hcgen.backend import softmax_loss_seed
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
-           "state_dict_from_caffe", "check_device"]
+           "open_torch_net", "state_dict_from_caffe", "check_device"]
 
 
 @dataclass(frozen=True)
@@ -358,6 +358,17 @@ def load_model(spec: str | os.PathLike, weights: Optional[str | os.PathLike] = N
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise ValueError(f"{wpath} does not fit the model: {' '.join(lines[1:3]) or lines[0]}") from None
     return model.eval()
+
+
+def open_torch_net(model: str, weights: Optional[str] = None, preprocess: str = "lenet",
+                   layer: Optional[str] = None, device: str = "cpu") -> TorchNet:
+    """`TorchNet` for `hcgen generate --framework torch`: `load_model` (model in eval mode), the preset
+    `preprocess`, and the input shape from ``model.input_shape`` or else the preset's images."""
+    pre = normalization_preset(preprocess)
+    check_device(device)
+    net = load_model(model, weights, device)
+    return TorchNet(net, pre, layer=layer, device=device,
+                    input_shape=getattr(net, "input_shape", None) or PRESET_SHAPES[preprocess])
 
 
 def _state_mismatch(model: torch.nn.Module, state: Mapping) -> tuple[list[str], list[str]]:

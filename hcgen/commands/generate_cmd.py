@@ -18,8 +18,15 @@ def add_parser(subparsers) -> None:
         "them with their ORIGINAL labels to the LMDB folder --out (metadata.csv, failures.csv, "
         "summary.json beside the data). Rerunning the same command resumes an interrupted run.",
     )
-    p.add_argument("--model", required=True, help="deploy prototxt (Input layer, force_backward: true)")
-    p.add_argument("--weights", required=True, help="trained caffemodel")
+    p.add_argument("--framework", default="caffe", choices=("caffe", "torch"),
+                   help="caffe (default): --model is a deploy prototxt; torch: --model is FILE.py:FACTORY "
+                   "(FACTORY() returns a torch.nn.Module) or a TorchScript file, see examples/torch_lenet.py")
+    p.add_argument("--model", required=True, help="deploy prototxt (Input layer, force_backward: true), or with "
+                   "--framework torch FILE.py:FACTORY or a TorchScript file")
+    p.add_argument("--weights", default=None, help="trained caffemodel (required with caffe), or a torch state_dict "
+                   "saved with torch.save (optional with torch)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where a torch model runs (default cpu; cuda needs a GPU that torch sees)")
     p.add_argument("--input", default=None,
                    help="source images: an LMDB of Datums, a folder of JPEG/PNG images (224x224 centre crops "
                    "of a 256x256 resize, BGR; labels from labels.txt or class subfolders, see hcgen/images.py), "
@@ -37,10 +44,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--batch", type=int, default=64, help="source images per batch / atomic write (default 64)")
     p.add_argument("--shard", default="0/1", metavar="K/N", help="process only batches b with b %% N == K")
-    p.add_argument("--layer", default=None, help="penultimate layer (default: the input of the final Softmax)")
-    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152"),
+    p.add_argument("--layer", default=None, help="penultimate layer (default: the input of the final Softmax; "
+                   "torch: a module name of model.named_modules(), default the model's output)")
+    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152", "torchvision"),
                    help="pixels -> net input: lenet (x/256), googlenet (BGR minus 104,117,123), resnet152 "
-                   "(BGR minus 103.94,116.78,123.68) (default lenet)")
+                   "(BGR minus 103.94,116.78,123.68), torchvision (torch only: BGR -> RGB, /255, ImageNet "
+                   "mean/std) (default lenet)")
     p.set_defaults(func=run)
     add_merge_parser(subparsers)
 
@@ -78,19 +87,32 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.caffe_net import CaffeNet, preprocessing_preset
     from hcgen.pipeline.generate import generate
 
     from hcgen.pipeline.generate import parse_methods, parse_scales, parse_shard
-    from hcgen.validate import check_deploy
 
     parse_methods(args.methods), parse_scales(args.scales), parse_shard(args.shard)  # option errors first
-    check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
-    net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess), layer=args.layer)
+    if args.framework == "torch":
+        from hcgen.torch_net import open_torch_net
+
+        net = open_torch_net(args.model, args.weights, args.preprocess, args.layer, args.device)
+    else:
+        from hcgen.caffe_net import CaffeNet, preprocessing_preset
+        from hcgen.validate import check_deploy
+
+        if args.weights is None:
+            raise ValueError("--weights (the trained caffemodel) is required with --framework caffe")
+        if args.device != "cpu" or args.preprocess == "torchvision":
+            raise ValueError(f"--{'device cuda' if args.device != 'cpu' else 'preprocess torchvision'} needs "
+                             "--framework torch (hcgen's Caffe is a CPU build)")
+        check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
+        net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess),
+                       layer=args.layer)
     settings = GenerateSettings(
         model=args.model, weights=args.weights, source=args.input, split=args.split,
         methods=args.methods, scales=args.scales, min_pass=args.min_pass, limit=args.limit,
         seed=args.seed, batch_size=args.batch, shard=args.shard, preprocess=args.preprocess,
+        framework=args.framework, device=args.device,
     )
     with tqdm(desc="generate", unit="img", disable=None) as bar:
         def progress(n_images: int, total: int, stats: dict) -> None:
