@@ -238,3 +238,117 @@ def test_ctrl_c_stops_a_dask_run_cleanly(tmp_path):
     time.sleep(1)
     assert caffe_runs() == ""  # the workers' caffe processes went down with them
     assert (work / "tiny").is_dir() and not (tmp_path / "results" / "table1.md").exists()
+
+
+# ---------------------------------------------------------------- the protocol's graph, without running it
+
+def test_full_profile_graph_has_the_papers_structure():
+    p = table1.PROFILES["full"]
+    g = table1.stages(p)
+    assert sorted(n for n in g if n.startswith("base")) == ["base1", "base2", "base3"]
+    assert {g[f"base{b}"].params["iterations"] for b in (1, 2, 3)} == {10_000}
+    # every base net reads its own seeded ordering of the 60K digits
+    assert [g[f"base{b}"].deps for b in (1, 2, 3)] == [["mnist", f"order{b}"] for b in (1, 2, 3)]
+    assert len({g[f"order{b}"].params["seed"] for b in (1, 2, 3)}) == 3
+    for row in table1.ROWS:  # 3 base nets x 3 orderings = 9 fine-tunes of 20K iterations per row
+        fts = [n for n in g if n.startswith(f"ft-{row}-net")]
+        assert len(fts) == 9 and {g[n].params["iterations"] for n in fts} == {20_000}, row
+        assert {g[n].deps[0] for n in fts} == {"base1", "base2", "base3"}
+        assert len({g[n].params["seed"] for n in fts}) == 9
+        assert len({g[f"mix-{n[3:]}"].params["seed"] for n in fts}) == 9  # distinct orderings
+        assert all("tau" in g[f"mix-{n[3:]}"].deps for n in fts)
+        assert len(table1.row_evals(p)[row]) == 9
+    # InfiMNIST-style: 3 nets trained from scratch for 30K iterations on 1M deformations, no fine-tunes
+    row = table1.INFIMNIST_ROW
+    assert not [n for n in g if n.startswith(f"ft-{row}")]
+    scratch = [n for n in g if n.startswith(f"scratch-{row}")]
+    assert len(scratch) == 3 and {g[n].params["iterations"] for n in scratch} == {30_000}
+    assert all(not any(d.startswith("base") for d in g[n].deps) for n in scratch)
+    assert g["infimnist"].params["count"] == 1_000_000
+    assert table1.row_evals(p)[table1.BASIC] == ["eval-base1", "eval-base2", "eval-base3"]
+    # held-out set: 14 types x 5,000, from the test-digit generations of all three nets
+    assert g["heldout"].deps == ["gen-test1", "gen-test2", "gen-test3"]
+    assert g["heldout"].params["per_type"] == 5_000 and len(table1.HELDOUT_TYPES) == 14
+    assert table1.heldout_shares(5_000, 3) == [1667, 1667, 1666]
+    assert all(g[f"gen-test{b}"].params["limit"] is None for b in (1, 2, 3))  # all 10K test digits
+    assert g["tau"].params["tau"] == "calibrate"
+    # Fig. 6: every base net fine-tuned once per PASS bin
+    assert len([n for n in g if n.startswith("ft-pass")]) == 3 * len(p.pass_bins)
+
+
+def test_medium_profile_keeps_the_structure_and_shrinks_sizes_only():
+    full, medium = table1.PROFILES["full"], table1.PROFILES["medium"]
+    gf, gm = table1.stages(full), table1.stages(medium)
+    kinds = lambda g: sorted({n.split("-")[0].rstrip("0123456789") for n in g})  # noqa: E731
+    assert kinds(gm) == kinds(gf)
+    assert len(gm) == len(gf)
+    assert {row: len(e) for row, e in table1.row_evals(medium).items()} == \
+        {row: len(e) for row, e in table1.row_evals(full).items()}
+    assert medium.base_iterations == 10_000 and medium.base_nets == 3 and medium.orderings == 3
+    assert (medium.train_tau, medium.base_orderings, medium.infimnist_from_scratch) == ("calibrate", True, True)
+
+
+def test_tiny_profile_covers_every_row_kind():
+    g = table1.stages(table1.PROFILES["tiny"])
+    assert any(n.startswith("scratch-InfiMNIST-style") for n in g)  # from scratch
+    assert "ft-HC-D-9-1.05-net1-order1" in g and g["mix-HC-D-9-1.05-net1-order1"].params["scales"] == [1.05]
+    assert "ft-FGS-net1-order1" in g and "ft-FGV-net1-order1" in g
+    assert any(n.startswith("ft-pass") for n in g) and "tau" in g and "order1" in g
+
+
+def test_shuffled_orderings_of_the_base_nets_differ(tmp_path):
+    """order1 and order2: the same 60K digits, each in its own seeded order."""
+    from hcgen.lmdb_io import read_lmdb
+    from hcgen.mnist import convert_mnist
+
+    mnist = tmp_path / "mnist"
+    convert_mnist(mnist, str(SHARED_MNIST))
+    table1._shuffle(tmp_path / "o1", mnist, 1)
+    table1._shuffle(tmp_path / "o2", mnist, 2)
+    _, _, labels0 = read_lmdb(mnist / "mnist_train_lmdb")
+    _, _, labels1 = read_lmdb(tmp_path / "o1" / "lmdb")
+    _, _, labels2 = read_lmdb(tmp_path / "o2" / "lmdb")
+    assert len(labels1) == len(labels2) == 60_000
+    assert sorted(labels1) == sorted(labels2) == sorted(labels0)
+    assert list(labels1) != list(labels2) and list(labels1) != list(labels0)
+
+
+def test_a_changed_prototxt_or_solver_gives_new_stage_keys(tmp_path, monkeypatch):
+    import shutil
+
+    models = tmp_path / "lenet"
+    shutil.copytree(table1.MODELS, models)
+    monkeypatch.setattr(table1, "MODELS", models)
+    profile = table1.PROFILES["tiny"]
+    before = stages.folders(table1.stages(profile))
+    deploy = models / "lenet_deploy.prototxt"
+    deploy.write_text(deploy.read_text() + "\n# edited\n")
+    after = stages.folders(table1.stages(profile))
+    assert after["base1"] == before["base1"]  # trains with the solver and train/test net: unchanged
+    assert after["gen-train1"] != before["gen-train1"] and after["eval-base1"] != before["eval-base1"]
+    assert after["ft-FGS-net1-order1"] != before["ft-FGS-net1-order1"]  # downstream of a changed stage
+    solver = models / "lenet_solver.prototxt"
+    solver.write_text(solver.read_text().replace("base_lr: 0.01", "base_lr: 0.02"))
+    again = stages.folders(table1.stages(profile))
+    assert again["base1"] != after["base1"] and again["mnist"] == after["mnist"]
+
+
+def test_claims_are_checked_with_welch_tests():
+    from hcgen.pipeline.report import claims
+
+    nine = lambda m, s=0.02: [m + s * d for d in (-4, -3, -2, -1, 0, 1, 2, 3, 4)]  # noqa: E731
+    numbers = {"Basic LeNet": {"mnist": [0.95, 0.93, 0.94], "adversarial": [64.0, 65.0, 63.0]},
+               "FGS": {"mnist": nine(0.79), "adversarial": nine(31.0, 0.5)},
+               "FGV": {"mnist": nine(0.70), "adversarial": nine(29.6, 0.5)},
+               "HC-D-9": {"mnist": nine(0.68), "adversarial": nine(21.1, 0.5)},
+               "HC-D-9-1.05": {"mnist": nine(0.67), "adversarial": nine(14.9, 0.5)},
+               "InfiMNIST-style": {"mnist": nine(0.70), "adversarial": nine(48.0, 0.5)}}
+    bins = {"0.00-0.70": {"mnist": [0.8] * 3, "adversarial": [30.0, 31.0, 29.0]},
+            "0.80-0.90": {"mnist": [0.7] * 3, "adversarial": [20.0, 21.0, 19.0]},
+            "0.90-1.00": {"mnist": [0.8] * 3, "adversarial": [25.0, 26.0, 24.0]}}
+    verdicts = {c["id"]: c["verdict"] for c in claims(numbers, bins)}
+    assert verdicts == {"a": "holds", "b": "holds", "c": "holds", "d": "holds", "e": "holds"}
+    numbers["FGV"]["adversarial"] = nine(31.2, 0.5)  # worse than FGS: (c) fails
+    numbers["HC-D-9"]["adversarial"] = nine(15.0, 0.5)  # next to HC-D-9-1.05: (b) not significant
+    verdicts = {c["id"]: c["verdict"] for c in claims(numbers, bins)}
+    assert verdicts["c"] == "does not hold" and verdicts["b"] == "not significant"

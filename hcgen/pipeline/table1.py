@@ -225,6 +225,11 @@ def read_tau(folder: Path) -> Optional[float]:
     return None if value is None else float(value)
 
 
+def heldout_shares(per_type: int, nets: int) -> list[int]:
+    """Records of each held-out type drawn from each base net's generation: as even as integers allow."""
+    return [per_type // nets + (src < per_type % nets) for src in range(nets)]
+
+
 def _heldout(out: Path, *generated: Path, per_type: int) -> None:
     """`per_type` records of each held-out type, drawn evenly (seeded) from every net's test generation."""
     from hcgen.lmdb_io import DatumWriter, MetadataTable, read_raw
@@ -240,7 +245,7 @@ def _heldout(out: Path, *generated: Path, per_type: int) -> None:
         columns = table.columns
         for method, scale in HELDOUT_TYPES:
             idx = [i for i, r in enumerate(rows) if r["method"] == method and float(r["scale"]) == scale]
-            share = per_type // len(generated) + (src < per_type % len(generated))
+            share = heldout_shares(per_type, len(generated))[src]
             if len(idx) < share:
                 raise RuntimeError(f"{folder}: only {len(idx)} {method} x{scale:g} records for a held-out "
                                    f"share of {share}; generate from more test images")
