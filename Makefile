@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hcgen-installed
 
-.PHONY: setup caffe demo test doctor table1-quick table1-full bench clean
+.PHONY: setup caffe demo test doctor table1-quick table1-medium table1-full bench clean
 
 setup: caffe
 
@@ -31,6 +31,9 @@ demo: caffe
 
 table1-quick: caffe
 	$(VENV)/bin/hcgen table1 --profile quick --dask
+
+table1-medium: caffe
+	$(VENV)/bin/hcgen table1 --profile medium --dask
 
 table1-full: caffe
 	$(VENV)/bin/hcgen table1 --profile full --dask
