@@ -56,7 +56,7 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, iterations: 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 + 1e-4 * it) ** -0.75)
-    x_all = torch.from_numpy(np.ascontiguousarray(images)).float() * 0.00390625
+    x_all = torch.from_numpy(np.array(images, dtype=np.float32)) * 0.00390625
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     order = torch.randperm(len(x_all), generator=gen)
     model.train()
