@@ -56,3 +56,17 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_passes: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests: with ``HCGEN_CRASH_AT=NAME:N`` in the environment, the N-th
+    pass through `crash_point(NAME)` SIGKILLs this process (a crash between two steps of a commit)."""
+    spec = os.environ.get("HCGEN_CRASH_AT")
+    if not spec:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if spec == f"{name}:{_passes[name]}":
+        os.kill(os.getpid(), 9)

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import lmdb
 import numpy as np
 
-from hcgen.fileio import atomic_write
+from hcgen.fileio import atomic_write, crash_point
 
 KEY_DIGITS = 8
 METADATA_FILE = "metadata.csv"
@@ -410,6 +410,7 @@ class DatumWriter:
         keys = [key_for(i) for i in written]
         if self.metadata is not None:
             self.metadata.append(keys, metadata)  # first: rows past the LMDB count are dropped on reopen
+            crash_point("lmdb-metadata-appended")
         try:
             self._put_batch([k.encode() for k in keys], values)
         except BaseException:

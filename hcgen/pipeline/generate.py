@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from hcgen import __version__, directions, metrics, search
-from hcgen.fileio import atomic_write, atomic_write_json
+from hcgen.fileio import atomic_write, atomic_write_json, crash_point
 from hcgen.lmdb_io import METADATA_FILE, DatumWriter, MetadataTable, lmdb_count, read_lmdb
 from hcgen.locks import LOCK_FILE, folder_lock
 
@@ -275,6 +275,14 @@ def _done_batches(out: Path, mine: Sequence[int], count: int) -> set[int]:
     return done & set(mine)
 
 
+def _repair_done(path: Path, done: set[int]) -> None:
+    """Rewrite done.txt if a crash left a line cut short or a committed batch out of it."""
+    text = path.read_text() if path.exists() else ""
+    recorded = _read_done(path)
+    if not done <= recorded or (text and not text.endswith("\n")):
+        atomic_write(path, "".join(f"{b}\n" for b in sorted(recorded | done)))
+
+
 def _rewrite_failures(path: Path, resume_batch: int) -> None:
     """Keep the header and the complete failure rows of committed batches (< `resume_batch`): rows of a
     batch in flight at a crash, a row cut short and a partial header are dropped (atomic rewrite)."""
@@ -397,6 +405,7 @@ def generate(net, settings: GenerateSettings, out: str | os.PathLike,
         done_file, failures_file = out / "done.txt", out / "failures.csv"
         with DatumWriter(out, metadata_columns=COLUMNS) as writer:
             done = _done_batches(out, mine, writer.count)
+            _repair_done(done_file, done)
             todo = [b for b in mine if b not in done]
             _rewrite_failures(failures_file, todo[0] if todo else len(batches))
             stats = {"forwards": 0, "searches": 0}
@@ -408,14 +417,17 @@ def generate(net, settings: GenerateSettings, out: str | os.PathLike,
                     csv.writer(f).writerows(r.failures)
                     f.flush()
                     os.fsync(f.fileno())
+                crash_point("generate-failures-written")
                 if len(r.images):
                     writer.write(r.images, r.labels, r.metadata)
+                crash_point("generate-batch-committed")
                 with open(done_file, "a") as f:
                     f.write(f"{b}\n")
                 stats["forwards"] += r.forwards
                 stats["searches"] += r.searches
                 if progress:
                     progress(len(idx), total, {"records": writer.count, **stats})
+        crash_point("generate-before-summary")
         summary = summarize(out, methods)
         summary["source_images"] = int(sum(len(batches[b]) for b in mine))
         atomic_write_json(out / "summary.json", summary)

@@ -1,0 +1,234 @@
+"""Kill anywhere, and two runs on one folder (issue 14): `hcgen generate`, `hcgen mix` and a tiny
+`hcgen table1` are SIGKILLed at seeded moments spread over their runs and at the crash points between
+the steps of a commit (``HCGEN_CRASH_AT``, `hcgen.fileio.crash_point`), rerun until done, and must end
+with exactly the outputs of an uninterrupted run. A second run on a folder in use exits 2 at once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hcgen.lmdb_io import METADATA_FILE, lmdb_count, read_lmdb, write_datums
+from hcgen.locks import LOCK_FILE
+
+from .conftest import MODELS, SHARED_MNIST
+
+DEPLOY = MODELS / "lenet" / "lenet_deploy.prototxt"
+HCGEN = [sys.executable, "-m", "hcgen.cli"]
+BATCHES = 24  # --limit 48 --batch 2
+
+
+@pytest.fixture(scope="module")
+def gen(trained_lenet, mnist_test_slice, tmp_path_factory):
+    """The generate command for a folder, and its uninterrupted output."""
+    root = tmp_path_factory.mktemp("kill")
+    images, labels = mnist_test_slice
+    write_datums(root / "src", images[:64, None], labels[:64])
+
+    def cmd(out: Path) -> list[str]:
+        return HCGEN + ["generate", "--model", str(DEPLOY), "--weights", str(trained_lenet), "--input",
+                        str(root / "src"), "--split", "test", "--methods", "fgs,fgv,hc-d:1-5,hc-s:1-3",
+                        "--scales", "1.05", "--limit", "48", "--batch", "2", "--out", str(out)]
+
+    subprocess.run(cmd(root / "ref"), check=True, capture_output=True, timeout=600)
+    assert len(_done(root / "ref")) == BATCHES
+    return root, cmd
+
+
+def _done(out: Path) -> list[str]:
+    path = out / "done.txt"
+    return [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")] if path.exists() else []
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.005)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def assert_same_generation(out: Path, ref: Path) -> None:
+    keys, images, labels = read_lmdb(out)
+    keys0, images0, labels0 = read_lmdb(ref)
+    assert keys == keys0 and len(keys) > 0
+    np.testing.assert_array_equal(images, images0)
+    np.testing.assert_array_equal(labels, labels0)
+    for name in (METADATA_FILE, "failures.csv", "done.txt", "summary.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (out / LOCK_FILE).exists()
+
+
+def _last_record_batch(out: Path) -> int:
+    rows = (out / METADATA_FILE).read_text().splitlines()
+    return int(rows[-1].split(",")[2]) if len(rows) > 1 else -1
+
+
+def test_generate_killed_anywhere_resumes_to_the_same_records(gen):
+    """4 crash points inside a batch's commit, then 5 SIGKILLs at seeded moments (after a seeded number
+    of committed batches, plus a seeded delay within the next batch); then a rerun finishes it."""
+    root, cmd = gen
+    out = root / "killed"
+    env = dict(os.environ)
+    # a crash between the steps of a commit; each check shows the kill landed in that window
+    run = subprocess.run(cmd(out), capture_output=True, env={**env, "HCGEN_CRASH_AT": "generate-failures-written:2"})
+    assert run.returncode == -signal.SIGKILL
+    assert len(_done(out)) == 1 and _last_record_batch(out) == 0  # batch 1: failures written, records not
+    run = subprocess.run(cmd(out), capture_output=True, env={**env, "HCGEN_CRASH_AT": "lmdb-metadata-appended:2"})
+    assert run.returncode == -signal.SIGKILL
+    rows = len((out / METADATA_FILE).read_text().splitlines()) - 1
+    assert rows > lmdb_count(out)  # metadata rows of a batch whose LMDB transaction never committed
+    before = len(_done(out))
+    run = subprocess.run(cmd(out), capture_output=True, env={**env, "HCGEN_CRASH_AT": "generate-batch-committed:2"})
+    assert run.returncode == -signal.SIGKILL
+    assert len(_done(out)) == before + 1  # the run's 2nd batch committed, not yet in done.txt
+    crashed = len(_done(out))
+
+    rng = np.random.default_rng(14)
+    targets = np.sort(rng.choice(np.arange(crashed + 2, BATCHES - 1), size=5, replace=False))
+    landed = []
+    for target in targets:
+        proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: len(_done(out)) >= target, proc)
+        time.sleep(rng.uniform(0, 0.05))
+        _kill(proc)
+        landed.append(len(_done(out)))
+    assert all(n < BATCHES for n in landed), landed  # every kill landed mid-run
+    run = subprocess.run(cmd(out), capture_output=True, env={**env, "HCGEN_CRASH_AT": "generate-before-summary:1"})
+    assert run.returncode == -signal.SIGKILL and len(_done(out)) == BATCHES and not (out / "summary.json").exists()
+
+    subprocess.run(cmd(out), check=True, capture_output=True, timeout=600)
+    assert_same_generation(out, root / "ref")
+
+
+def test_two_generate_runs_on_one_out(gen):
+    """The second exits 2 at once with the lock message; the output is a single run's."""
+    root, cmd = gen
+    out = root / "twice"
+    first = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: (out / LOCK_FILE).is_file() and (out / LOCK_FILE).read_text().startswith(f"{first.pid} "), first)
+    second = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [f"hcgen generate: error: {out} is in use by process {first.pid} "
+                                          f"(host {socket.gethostname()}); wait for that run to finish, or use "
+                                          "another folder"]
+    assert first.wait(timeout=600) == 0
+    assert_same_generation(out, root / "ref")
+
+
+def test_mix_killed_anywhere_resumes_to_the_same_lmdb(gen, tmp_path):
+    """A crash between a chunk's metadata rows and its LMDB commit, then 5 SIGKILLs at seeded moments."""
+    root, _ = gen
+    rng = np.random.default_rng(3)
+    write_datums(tmp_path / "many", rng.integers(0, 256, (24000, 1, 28, 28), dtype=np.uint8),
+                 rng.integers(0, 10, 24000))
+
+    def cmd(out: Path) -> list[str]:
+        return HCGEN + ["mix", str(root / "ref"), "--with-mnist", str(tmp_path / "many"), "--seed", "5",
+                        "--out", str(out)]
+
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True, timeout=600)
+    ref_size = (tmp_path / "ref" / METADATA_FILE).stat().st_size
+    out = tmp_path / "killed"
+    run = subprocess.run(cmd(out), capture_output=True, env={**os.environ, "HCGEN_CRASH_AT": "lmdb-metadata-appended:2"})
+    assert run.returncode == -signal.SIGKILL
+    assert len((out / METADATA_FILE).read_text().splitlines()) - 1 > lmdb_count(out) == 4096
+    landed = []
+    for fraction in np.sort(rng.uniform(0.3, 0.95, size=5)):
+        proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: (out / METADATA_FILE).stat().st_size >= fraction * ref_size, proc)
+        time.sleep(rng.uniform(0, 0.02))
+        _kill(proc)
+        landed.append(len((out / METADATA_FILE).read_text().splitlines()) - 1)
+    assert all(n < lmdb_count(tmp_path / "ref") for n in landed), landed
+    subprocess.run(cmd(out), check=True, capture_output=True, timeout=600)
+    keys, images, labels = read_lmdb(out)
+    keys0, images0, labels0 = read_lmdb(tmp_path / "ref")
+    assert keys == keys0 and len(keys) == 24000 + lmdb_count(root / "ref")
+    np.testing.assert_array_equal(images, images0)
+    np.testing.assert_array_equal(labels, labels0)
+    assert (out / METADATA_FILE).read_bytes() == (tmp_path / "ref" / METADATA_FILE).read_bytes()
+
+
+def _caffe_running(work: Path) -> list[str]:
+    ps = subprocess.run(["pgrep", "-af", f"caffe train --solver={work}"], capture_output=True, text=True)
+    return ps.stdout.splitlines()
+
+
+def _lmdb_digest(path: Path) -> str:
+    import hashlib
+
+    import lmdb
+
+    digest = hashlib.sha256()
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        for key, value in txn.cursor():
+            digest.update(key + b"\0" + value)
+    return digest.hexdigest()
+
+
+def _stage_outputs(work: Path) -> dict[str, object]:
+    """What each stage produced, comparable across work folders: LMDB records, caffemodels, error rates
+    and metadata (with the work folder's path taken out)."""
+    found: dict[str, object] = {}
+    for stage in sorted(p for p in work.iterdir() if p.is_dir()):
+        for lmdb in sorted(p.parent for p in stage.rglob("data.mdb")):
+            found[str(lmdb.relative_to(work))] = _lmdb_digest(lmdb)
+        for model in stage.glob("*.caffemodel"):
+            found[str(model.relative_to(work))] = model.read_bytes()
+        for name in ("errors.json", "lmdb/failures.csv", "lmdb/metadata.csv"):
+            if (stage / name).is_file():
+                found[f"{stage.name}/{name}"] = (stage / name).read_text().replace(str(work), "WORK")
+    return found
+
+
+def test_table1_lock_and_kill_mid_stage(tmp_path):
+    """A second `hcgen table1` on a work folder in use exits 2; a run killed mid-generation and again
+    mid-fine-tune (no caffe left running) and rerun ends with the uninterrupted run's table and stages."""
+    def cmd(name: str) -> list[str]:
+        return HCGEN + ["table1", "--profile", "tiny", "--work", str(tmp_path / name), "--results",
+                        str(tmp_path / f"{name}-results"), "--mnist", str(SHARED_MNIST)]
+
+    work = tmp_path / "ref" / "tiny"
+    first = subprocess.Popen(cmd("ref"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: (work / LOCK_FILE).is_file() and (work / LOCK_FILE).read_text().startswith(f"{first.pid} "), first)
+    second = subprocess.run(cmd("ref"), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [f"hcgen table1: error: {work} is in use by process {first.pid} "
+                                          f"(host {socket.gethostname()}); wait for that run to finish, or use "
+                                          "another folder"]
+    assert first.wait(timeout=900) == 0
+
+    killed = tmp_path / "killed" / "tiny"
+    proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: any(len(_done(p.parent)) >= 1 for p in killed.glob("gen-train1-*/lmdb/done.txt")), proc)
+    _kill(proc)  # mid-generation: some batches committed
+    proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: any(killed.glob("ft-*/train.log")) and bool(_caffe_running(killed)), proc)
+    _kill(proc)  # mid-fine-tune: caffe train is running
+    deadline = time.time() + 60
+    while _caffe_running(killed) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _caffe_running(killed), "caffe train outlived the killed hcgen table1"
+    assert subprocess.run(cmd("killed"), capture_output=True, timeout=900).returncode == 0
+
+    for name in ("table1.json", "table1.md"):
+        assert (tmp_path / "killed-results" / name).read_text() == (tmp_path / "ref-results" / name).read_text()
+    ref_outputs, outputs = _stage_outputs(work), _stage_outputs(killed)
+    assert sorted(outputs) == sorted(ref_outputs)
+    assert [k for k in outputs if outputs[k] != ref_outputs[k]] == []
+    assert json.loads((tmp_path / "killed-results" / "table1.json").read_text())["profile"] == "tiny"
+    assert not (killed / LOCK_FILE).exists()
