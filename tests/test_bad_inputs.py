@@ -289,3 +289,37 @@ def test_bad_input(case, w):
 def test_the_campaign_is_big_enough():
     assert len(CASES) >= 30
     print(f"{len(CASES)} bad inputs")
+
+
+def test_merge_refuses_unfinished_shards_then_merges_into_an_existing_folder(w, tmp_path, trained_lenet):
+    """The refusal names each unfinished shard and what it lacks; once finished, the shards merge into an
+    existing empty --out (it was a FileExistsError traceback) exactly as the unsharded run, and a second
+    merge into it does nothing."""
+    from hcgen.caffe_net import CaffeNet
+    from hcgen.lmdb_io import read_lmdb
+    from hcgen.pipeline.generate import GenerateSettings, generate, merge_shards
+
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for src, dst in zip(("shard0", "shard1"), shards):
+        shutil.copytree(w["root"] / src, dst)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=r"^cannot merge unfinished shards: 1/2 \(.*/s1\) lacks 1 of 2 batches; rerun "
+                       r"their `hcgen generate --shard` commands to finish$"):
+        merge_shards(shards, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    net = CaffeNet(DEPLOY, w["weights"])
+    settings = dict(model=str(DEPLOY), weights=str(w["weights"]), source=str(w["root"] / "src"), split="test",
+                    methods="fgs", scales="", min_pass=-1.0, limit=16, seed=0, batch_size=4)
+    generate(net, GenerateSettings(**settings, shard="1/2"), shards[1])  # finishes the interrupted shard
+    count = merge_shards(shards, tmp_path / "out")
+    generate(net, GenerateSettings(**settings), tmp_path / "whole")
+    keys, images, _ = read_lmdb(tmp_path / "out")
+    keys0, images0, _ = read_lmdb(tmp_path / "whole")
+    assert count == len(keys) == len(keys0) and keys == keys0
+    np.testing.assert_array_equal(images, images0)
+    for name in ("metadata.csv", "failures.csv", "done.txt", "summary.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not (tmp_path / "out" / "merge.json").exists()
+    before = _snapshot(tmp_path / "out")
+    assert merge_shards(shards, tmp_path / "out") == count
+    assert _snapshot(tmp_path / "out") == before

@@ -180,15 +180,24 @@ def _lmdb_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _weights(caffemodel: Path) -> list:
+    """The learned blobs of a caffemodel (its net definition names the work folder's LMDBs)."""
+    from caffe.proto import caffe_pb2
+
+    net = caffe_pb2.NetParameter()
+    net.ParseFromString(caffemodel.read_bytes())
+    return [(layer.name, [np.asarray(b.data, np.float32).tobytes() for b in layer.blobs]) for layer in net.layer]
+
+
 def _stage_outputs(work: Path) -> dict[str, object]:
-    """What each stage produced, comparable across work folders: LMDB records, caffemodels, error rates
-    and metadata (with the work folder's path taken out)."""
+    """What each stage produced, comparable across work folders: LMDB records, learned weights, error
+    rates and metadata (with the work folder's path taken out)."""
     found: dict[str, object] = {}
     for stage in sorted(p for p in work.iterdir() if p.is_dir()):
         for lmdb in sorted(p.parent for p in stage.rglob("data.mdb")):
             found[str(lmdb.relative_to(work))] = _lmdb_digest(lmdb)
         for model in stage.glob("*.caffemodel"):
-            found[str(model.relative_to(work))] = model.read_bytes()
+            found[str(model.relative_to(work))] = _weights(model)
         for name in ("errors.json", "lmdb/failures.csv", "lmdb/metadata.csv"):
             if (stage / name).is_file():
                 found[f"{stage.name}/{name}"] = (stage / name).read_text().replace(str(work), "WORK")
@@ -232,3 +241,28 @@ def test_table1_lock_and_kill_mid_stage(tmp_path):
     assert [k for k in outputs if outputs[k] != ref_outputs[k]] == []
     assert json.loads((tmp_path / "killed-results" / "table1.json").read_text())["profile"] == "tiny"
     assert not (killed / LOCK_FILE).exists()
+
+
+def test_resume_recovers_from_partial_sidecars(gen, tmp_path):
+    """What a crash of an older hcgen (sidecars written in place) or a power loss can leave: an empty
+    generate.json, metadata.csv and failures.csv, a done.txt line cut short, an empty mix.json. The
+    same commands resume and end with the uninterrupted outputs."""
+    root, cmd = gen
+    out = tmp_path / "partial"
+    out.mkdir()
+    for name in ("generate.json", METADATA_FILE, "failures.csv"):
+        (out / name).write_text("")
+    (out / "done.txt").write_text("1")  # "12\n" cut short: batch 1 is not done
+    subprocess.run(cmd(out), check=True, capture_output=True, timeout=600)
+    assert_same_generation(out, root / "ref")
+    assert (out / "generate.json").read_bytes() == (root / "ref" / "generate.json").read_bytes()
+
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "mix.json").write_text("")
+    run = HCGEN + ["mix", str(root / "ref"), "--seed", "5", "--out"]
+    subprocess.run(run + [str(mix)], check=True, capture_output=True, timeout=600)
+    subprocess.run(run + [str(tmp_path / "mix_ref")], check=True, capture_output=True, timeout=600)
+    assert read_lmdb(mix)[0] == read_lmdb(tmp_path / "mix_ref")[0]
+    assert (mix / METADATA_FILE).read_bytes() == (tmp_path / "mix_ref" / METADATA_FILE).read_bytes()
+    assert json.loads((mix / "mix.json").read_text())["seed"] == 5
