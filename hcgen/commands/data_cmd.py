@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mnist(args: argparse.Namespace) -> int:
-    with tqdm(total=sum(mnist.SIZES.values()), unit="img", desc="mnist -> lmdb") as bar:
+    with tqdm(total=sum(mnist.SIZES.values()), unit="img", desc="mnist -> lmdb", disable=None) as bar:
         result = mnist.convert_mnist(args.out, args.source, force=args.force, progress=bar.update)
     for split, (path, status) in result.items():
         print(f"{split}: {path} ({mnist.SIZES[split]} records, {status})")
@@ -56,7 +56,7 @@ def _infimnist(args: argparse.Namespace) -> int:
     print(f"generator: {infimnist.GENERATOR}: random affine + elastic deformation (Simard et al. 2003) "
           f"of MNIST training digits, {params}")
     started = time.perf_counter()
-    with tqdm(total=args.count, unit="img", desc="infimnist-style") as bar:
+    with tqdm(total=args.count, unit="img", desc="infimnist-style", disable=None) as bar:
         before, after = infimnist.write_infimnist(
             args.out, args.count, seed=args.seed, source=args.source, params=params,
             progress=bar.update)

@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
         help="small end-to-end run: MNIST LMDBs, a LeNet, FGS/FGV/HC adversarials + hard positives",
         description="Convert MNIST to LMDBs, train a LeNet with the stock solver (unless --weights is "
         "given), generate FGS, FGV, HC-D-1..9 and HC-S-1..9 adversarials and x1.05/x1.10 hard "
-        "positives from --limit MNIST test digits, and print the summary. Everything is resumable "
+        "positives from --limit MNIST test digits, print the summary, and write report.html (the "
+        "gallery of `hcgen report`). Everything is resumable "
         "and kept under --out (default $HCGEN_RESULTS/demo or results/demo).",
     )
     default_out = Path(os.environ.get("HCGEN_RESULTS", "results")) / "demo"
@@ -29,6 +30,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from hcgen.caffe_net import CaffeNet
     from hcgen.commands.generate_cmd import print_summary
+    from hcgen.gallery import write_generation_report
     from hcgen.mnist import convert_mnist
     from hcgen.pipeline.generate import PAPER_METHODS, GenerateSettings, generate
     from hcgen.pipeline.table1 import MODELS, caffemodel
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights
     if weights is None:
         print(f"[2/3] training LeNet for {args.iterations} iterations -> {out / 'lenet'}")
-        with tqdm(total=args.iterations, desc="caffe train", unit="it") as bar:
+        with tqdm(total=args.iterations, desc="caffe train", unit="it", disable=None) as bar:
             def progress(event) -> None:
                 bar.update(event.iteration - bar.n)
                 if event.loss is not None:
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerateSettings(model=str(deploy), weights=str(weights), source=str(out / "mnist" / "mnist_test_lmdb"),
                                 split="test", methods=PAPER_METHODS, scales="1.05,1.10", min_pass=-1.0,
                                 limit=args.limit, seed=0, batch_size=50)
-    with tqdm(desc="generate", unit="img") as bar:
+    with tqdm(desc="generate", unit="img", disable=None) as bar:
         def gen_progress(n: int, total: int, stats: dict) -> None:
             bar.total = total
             bar.update(n)
@@ -63,4 +65,6 @@ def run(args: argparse.Namespace) -> int:
         summary = generate(CaffeNet(deploy, weights), settings, out / "adversarial_lmdb", progress=gen_progress)
     print_summary(summary)
     print(f"\nrecords (Caffe Datum LMDB + metadata.csv): {out / 'adversarial_lmdb'}")
+    report = write_generation_report(out / "adversarial_lmdb", out / "report.html", title="hcgen demo: LeNet / MNIST")
+    print(f"report (open it in a browser): {report.path} ({report.bytes / 1e6:.1f} MB)")
     return 0

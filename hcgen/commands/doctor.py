@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import tempfile
+from pathlib import Path
 
 from hcgen.pipeline.train import caffe_executable
 
@@ -20,6 +22,28 @@ def add_parser(subparsers) -> None:
         "clear message when something is missing.",
     )
     p.set_defaults(func=run)
+
+
+def _ldd(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(soname, resolved path) of each shared library `ldd` lists for `path`; [] without ldd."""
+    try:
+        out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [(name, parts[0]) for name, _, rest in (line.strip().partition(" => ") for line in out.splitlines())
+            if (parts := rest.split()) and parts[0].startswith("/")]
+
+
+def caffe_blas(caffe_native: str | os.PathLike) -> str:
+    """The BLAS library Caffe's libcaffe is linked against (not the one numpy or scipy loaded into this
+    process): from `ldd` of the libcaffe that pycaffe's `_caffe.so` loads, through Debian's alternatives."""
+    libcaffe = next((p for name, p in _ldd(caffe_native) if name.startswith("libcaffe")), None)
+    linked = _ldd(libcaffe) if libcaffe else _ldd(caffe_native)
+    for name, path in linked:
+        if any(word in name for word in ("blas", "mkl", "atlas")):
+            by = Path(libcaffe).name if libcaffe else Path(caffe_native).name
+            return f"{name} => {os.path.realpath(path)} (linked by {by})"
+    return f"unknown (`ldd {libcaffe or caffe_native}` names no BLAS library)"
 
 
 def _line(ok: bool, name: str, detail: str) -> bool:
@@ -41,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         _line(False, "pycaffe", f"cannot import caffe ({exc}); {FIX}")
         return 1
     info = caffe_net.build_info()
+    info["blas"] = caffe_blas(info["caffe_native"])
     for key, value in info.items():
         _line(True, key, str(value))
     if not info["has_backward_from"]:

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dask or args.scheduler:
             from hcgen.pipeline.scale import run_dask
 
-            tty = sys.stdout.isatty()
+            status = sys.stderr.isatty()  # the self-overwriting status line: stderr, and only on a terminal
             shown = []
 
             def live(state: dict) -> None:
@@ -120,15 +120,18 @@ def run(args: argparse.Namespace) -> int:
                 line = (f"[{state['elapsed_s']:7.0f} s] done {state['done']}/{state['total']}, left {state['left']}, "
                         f"ETA {eta}; running {state['running']}: {running}")
                 width = shutil.get_terminal_size().columns - 1
-                if state["last"]:  # one line per finished stage (also in logs)
-                    print(f"\r{line} | finished {state['last']}".ljust(width if tty else 0), flush=True)
-                elif tty:  # in between, a status line that overwrites itself
-                    print(f"\r{line[:width]}".ljust(width), end="", flush=True)
+                if state["last"]:  # one line per finished stage, on stdout (also in logs, without \r)
+                    if status:
+                        print("\r".ljust(width) + "\r", end="", file=sys.stderr, flush=True)  # clear the status
+                    print(f"{line} | finished {state['last']}", flush=True)
+                elif status:  # in between, a status line that overwrites itself
+                    print(f"\r{line[:width]}".ljust(width), end="", file=sys.stderr, flush=True)
 
             print(f"Dask: {args.scheduler or f'LocalCluster, {args.workers or os.cpu_count()} workers'}", flush=True)
             outputs = run_dask(graph, work, scheduler=args.scheduler, n_workers=args.workers, progress=live,
                                weights=weights)
-            print()
+            if status:
+                print(file=sys.stderr)
         else:
             outputs = run_sequential(graph, work, progress)
     except KeyboardInterrupt:

@@ -78,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
     def progress(event: training.TrainProgress) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=event.max_iter, initial=event.iteration, unit="it", desc="caffe train")
+            bar = tqdm(total=event.max_iter, initial=event.iteration, unit="it", desc="caffe train", disable=None)
         bar.update(max(0, event.iteration - bar.n))
         if event.loss is not None:
             bar.set_postfix_str(f"loss {event.loss:.4g}")
@@ -119,7 +119,7 @@ def run_mix(args: argparse.Namespace) -> int:
     filtered = any(v is not None for v in (args.methods, args.scales, args.min_pass, args.max_pass))
     sources = list(args.generated) + ([args.with_mnist] if args.with_mnist else [])
     total = None if filtered else sum(lmdb_count(s) for s in sources)
-    with tqdm(total=total, unit="rec", desc="mix") as bar:
+    with tqdm(total=total, unit="rec", desc="mix", disable=None) as bar:
         count, before = training.mix_training_data(
             args.generated, args.out, args.seed, with_mnist=args.with_mnist, methods=_split(args.methods),
             scales=[float(s) for s in _split(args.scales)] if args.scales else None,
@@ -132,7 +132,7 @@ def run_mix(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from hcgen.pipeline import evaluate  # imports pycaffe
 
-    with tqdm(total=sum(lmdb_count(d) for d in args.data), unit="img", desc="evaluate") as bar:
+    with tqdm(total=sum(lmdb_count(d) for d in args.data), unit="img", desc="evaluate", disable=None) as bar:
         results = evaluate.evaluate(args.model, args.weights, args.data, group_by=_split(args.by) or [],
                                     batch_size=args.batch_size, progress=bar.update)
     print(evaluate.format_table(results))
