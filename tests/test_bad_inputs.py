@@ -323,3 +323,15 @@ def test_merge_refuses_unfinished_shards_then_merges_into_an_existing_folder(w, 
     before = _snapshot(tmp_path / "out")
     assert merge_shards(shards, tmp_path / "out") == count
     assert _snapshot(tmp_path / "out") == before
+    # a merge killed between a chunk's metadata rows and its LMDB commit resumes to the same folder
+    merge = [sys.executable, "-m", "hcgen.cli", "merge", *map(str, shards), "--out", str(tmp_path / "again")]
+    crash = subprocess.run(merge, capture_output=True, env={**os.environ, "HCGEN_CRASH_AT": "lmdb-metadata-appended:1"})
+    assert crash.returncode == -9 and (tmp_path / "again" / "merge.json").exists()
+    assert not (tmp_path / "again" / "generate.json").exists()  # not (yet) a finished generation
+    subprocess.run(merge, check=True, capture_output=True)
+    again = read_lmdb(tmp_path / "again")
+    assert again[0] == keys0
+    np.testing.assert_array_equal(again[1], images0)
+    for name in ("metadata.csv", "failures.csv", "done.txt", "summary.json", "generate.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+    assert not (tmp_path / "again" / "merge.json").exists()
