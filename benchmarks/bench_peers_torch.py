@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,8 @@ def ray_step(x: np.ndarray, eta: np.ndarray, x_float: np.ndarray) -> np.ndarray:
     delta = np.abs(x_float.astype(np.float64) - x)
     use = (np.abs(eta) >= 0.5) & (x_float > 0) & (x_float < 255)
     ratio = np.where(use, delta / np.where(use, np.abs(eta), 1), np.nan).reshape(len(x), -1)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # rows without a usable pixel fall back below
+        warnings.simplefilter("ignore", RuntimeWarning)
         e = np.nanmedian(ratio, axis=1)
     return np.nan_to_num(e, nan=np.abs(x_float.astype(np.float64) - x).reshape(len(x), -1).max(axis=1))
 

@@ -178,7 +178,8 @@ class TorchNet:
 
     def _module(self, layer: str) -> torch.nn.Module:
         if layer not in self._modules or not layer:
-            names = ", ".join(n for n in self._modules if n)
+            names = [n for n in self._modules if n]
+            names = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)" if len(names) > 30 else "")
             raise ValueError(f"unknown layer {layer!r}; modules of {type(self.model).__name__}: {names}")
         if self.scripted:
             raise ValueError(f"layer {layer!r}: a TorchScript model runs no forward hooks, so only its output can "
