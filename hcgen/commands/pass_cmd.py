@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hcgen import metrics
+from hcgen.fileio import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 COLUMNS = ("name", "pass", "ssim", "l2", "l2_per_pixel", "linf", "aligned")
@@ -93,11 +95,13 @@ def _batch(a: Path, b: Path, args: argparse.Namespace) -> int:
         print(f"note: {unmatched} entries have no counterpart in the other {'LMDB' if lmdb_a else 'directory'}"
               " and were skipped", file=sys.stderr)
     results = _score(names, xs, ys, args.jobs)
-    with (contextlib.nullcontext(sys.stdout) if args.csv == "-" else open(args.csv, "w", newline="")) as f:
+    with (contextlib.nullcontext(sys.stdout) if args.csv == "-" else io.StringIO(newline="")) as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for name, r in zip(names, results):
             w.writerow([name, *(_fmt(v) for v in _row(r).values())])
+        if args.csv != "-":
+            atomic_write(args.csv, f.getvalue())  # a killed run leaves the old file, never half a CSV
     scores = np.array([r["pass"] for r in results])
     failed = sum(not r["aligned_ok"] for r in results)
     summary = {"pairs": len(names), "mean_pass": float(scores.mean()), "min_pass": float(scores.min()),
