@@ -164,8 +164,17 @@ def test_mix_killed_anywhere_resumes_to_the_same_lmdb(gen, tmp_path):
 
 
 def _caffe_running(work: Path) -> list[str]:
-    ps = subprocess.run(["pgrep", "-af", f"caffe train --solver={work}"], capture_output=True, text=True)
-    return ps.stdout.splitlines()
+    """Command lines of the live `caffe train` processes on `work` (from /proc: no procps needed)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            alive = cmdline.with_name("stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if alive and f"caffe train --solver={work}" in line:
+            found.append(line)
+    return found
 
 
 def _lmdb_digest(path: Path) -> str:
