@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.train import train
 
     out = Path(args.out)
+    if args.weights is not None:  # a bad caffemodel would abort Caffe (and this process) at step 3
+        from hcgen.validate import check_deploy
+
+        check_deploy(MODELS / "lenet_deploy.prototxt", args.weights)
     print(f"[1/3] MNIST -> {out / 'mnist'}")
     convert_mnist(out / "mnist", args.mnist)
     weights = args.weights
