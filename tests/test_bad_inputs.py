@@ -1,6 +1,7 @@
 """The bad-input campaign (issue 14): every case runs the `hcgen` CLI in a subprocess (Caffe could abort
 it) and must end with exit code 2, exactly one stderr line ``hcgen CMD: error: ...`` naming the problem,
-no traceback, and no file of the fixture folder (inputs and earlier outputs) created or changed."""
+no traceback, and no file of the fixture folder (inputs and earlier outputs) created or changed.
+Generate, merge, pass, train, mix, evaluate, demo, data and table1 each get several."""
 from __future__ import annotations
 
 import contextlib
@@ -247,6 +248,13 @@ CASES = {
                                      "label 12 is outside the net's 10 classes"),
     "evaluate a non-LMDB folder": (lambda w: ["evaluate", "--model", str(DEPLOY), "--weights", str(w["weights"]),
                                               "--data", str(w["root"] / "not_lmdb")], "no LMDB at"),
+    "evaluate --batch-size 0": (lambda w: ["evaluate", "--model", str(DEPLOY), "--weights", str(w["weights"]),
+                                           "--data", str(w["root"] / "src"), "--batch-size", "0"],
+                                "--batch-size must be positive, got 0"),
+    # demo
+    "demo with a truncated caffemodel": (lambda w: ["demo", "--weights", str(w["root"] / "truncated.caffemodel"),
+                                                    "--out", str(w["root"] / "demo")],
+                                         "truncated.caffemodel is not a complete caffemodel"),
     # data
     "data mnist from an empty folder": (lambda w: ["data", "mnist", "--source", str(w["root"] / "empty_dir"),
                                                    "--out", str(w["root"] / "mn")], "lacks the MNIST files"),
