@@ -234,5 +234,7 @@ def check_deploy(model: str | os.PathLike, weights: str | os.PathLike, *, need_b
     check_weights(net, info["params"], weights, model)
     if error:
         raise ValueError(f"Caffe cannot load {weights} into {model}: {error}")
+    if len(info["inputs"]) != 1:
+        raise ValueError(f"{model} must have exactly one input blob (the image batch), has {list(info['inputs'])}")
     (shape,) = info["inputs"].values()
     return DeployInfo(tuple(shape[1:]), info["params"])
