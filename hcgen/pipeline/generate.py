@@ -356,7 +356,7 @@ def _open_settings(out: Path, record: dict) -> None:
     if settings_file.exists():
         try:
             previous = json.loads(settings_file.read_text())
-        except ValueError:  # an empty or partial file (written in place by hcgen before 0.1.1)
+        except ValueError:  # an empty or partial file (written in place by an earlier hcgen)
             if lmdb_count(out) or _read_done(out / "done.txt"):
                 raise ValueError(f"{settings_file} is damaged and {out} holds records; the run cannot be "
                                  "resumed safely: use another --out or delete this one") from None

@@ -382,7 +382,7 @@ def mix_training_data(generated: Sequence[str | os.PathLike], out: str | os.Path
         record = Path(out) / MIX_FILE
         try:
             previous = json.loads(record.read_text()) if record.is_file() else None
-        except ValueError:  # empty or partial (written in place by hcgen before 0.1.1)
+        except ValueError:  # empty or partial (written in place by an earlier hcgen)
             previous = None
         if before and previous != settings:
             why = "other settings" if previous is not None else f"unknown settings ({record} missing or damaged)"
