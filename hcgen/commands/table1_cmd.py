@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"every stage of the {profile.name} profile in {work} is finished")
         elif left > 0:
             source = ("rates from this work folder's finished stages" if calibrated else
-                      "rates measured on a 2-core 2 GHz EPYC; they improve once stages finish here")
+                      "default rates, from a 2-core machine (benchmarks/README.md); they adapt once stages finish here")
             print(f"expected: ~{_duration(wall)} with {workers} worker{'s' * (workers > 1)} "
                   f"({_duration(left)} of stage work left; {source})", flush=True)
         if args.estimate:

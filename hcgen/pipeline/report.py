@@ -303,6 +303,19 @@ def write_report(spec: dict, outputs: dict[str, Path], results: Path,
     if stage_seconds is not None:
         (results / "stage_times.json").write_text(json.dumps(stage_seconds, indent=1, sort_keys=True))
     made = figures(outputs, spec, results)
+    reproduce = ""
+    if numbers["claims"]:
+        reproduce = "\n## Does it reproduce?\n\n" + "".join(
+            f"- ({c['id']}) {c['claim']}: **{c['verdict']}**. " + "; ".join(c["evidence"]) + ".\n"
+            for c in numbers["claims"])
+        reproduce += (f"\nOne-sided Welch t-tests over the nets of each row (alpha = {ALPHA}); \"not significant\": "
+                      "the mean goes the paper's way but the test does not reject.\n")
+    tau = numbers["tau"]
+    if tau and tau.get("tau") is not None and tau["rows"].get("HC-D-9"):
+        rows = tau["rows"]
+        reproduce += (f"\nPASS threshold: tau = {tau['tau']:.4f} keeps {rows['FGV']['kept_share_of_digits']:.1%} of the "
+                      f"digits as FGV images (the paper's 37,663 / 60K = {tau['paper_fgv_share']:.1%}) and "
+                      f"{rows['HC-D-9']['kept_per_60k_digits']:,.0f} HC-D-9 images per 60K digits (paper: ~340K).\n")
     (results / "README.md").write_text(
         f"# Results ({spec['profile']} profile)\n\n"
         "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/pipeline/table1.py`.\n\n"
@@ -321,5 +334,6 @@ def write_report(spec: dict, outputs: dict[str, Path], results: Path,
         "largest type is 1.\n"
         "- `fig6_pass_bins.png`: base nets fine-tuned on their HC-D-1..9 images (all scales) whose PASS "
         "falls in each range, plus the 60K digits; MNIST and held-out adversarial error, mean ± std.\n"
+        + reproduce
     )
     return {"table": text, "figures": made}
