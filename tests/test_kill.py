@@ -215,33 +215,43 @@ def _stage_outputs(work: Path) -> dict[str, object]:
 
 def test_table1_lock_and_kill_mid_stage(tmp_path):
     """A second `hcgen table1` on a work folder in use exits 2; a run killed mid-generation and again
-    mid-fine-tune (no caffe left running) and rerun ends with the uninterrupted run's table and stages."""
+    mid-fine-tune (no caffe left running) and rerun ends with the uninterrupted run's table and stages
+    (the two runs go side by side, in two work folders)."""
     def cmd(name: str) -> list[str]:
         return HCGEN + ["table1", "--profile", "tiny", "--work", str(tmp_path / name), "--results",
                         str(tmp_path / f"{name}-results"), "--mnist", str(SHARED_MNIST)]
 
     work = tmp_path / "ref" / "tiny"
     first = subprocess.Popen(cmd("ref"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: (work / LOCK_FILE).is_file() and (work / LOCK_FILE).read_text().startswith(f"{first.pid} "), first)
-    second = subprocess.run(cmd("ref"), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 2
-    assert second.stderr.splitlines() == [f"hcgen table1: error: {work} is in use by process {first.pid} "
-                                          f"(host {socket.gethostname()}); wait for that run to finish, or use "
-                                          "another folder"]
-    assert first.wait(timeout=900) == 0
+    procs = [first]
+    try:
+        _wait(lambda: (work / LOCK_FILE).is_file() and (work / LOCK_FILE).read_text().startswith(f"{first.pid} "), first)
+        second = subprocess.run(cmd("ref"), capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2
+        assert second.stderr.splitlines() == [f"hcgen table1: error: {work} is in use by process {first.pid} "
+                                              f"(host {socket.gethostname()}); wait for that run to finish, or use "
+                                              "another folder"]
 
-    killed = tmp_path / "killed" / "tiny"
-    proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: any(len(_done(p.parent)) >= 1 for p in killed.glob("gen-train1-*/lmdb/done.txt")), proc)
-    _kill(proc)  # mid-generation: some batches committed
-    proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: any(killed.glob("ft-*/train.log")) and bool(_caffe_running(killed)), proc)
-    _kill(proc)  # mid-fine-tune: caffe train is running
-    deadline = time.time() + 60
-    while _caffe_running(killed) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _caffe_running(killed), "caffe train outlived the killed hcgen table1"
-    assert subprocess.run(cmd("killed"), capture_output=True, timeout=900).returncode == 0
+        killed = tmp_path / "killed" / "tiny"  # killed and rerun while the reference run goes on
+        proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        _wait(lambda: any(len(_done(p.parent)) >= 1 for p in killed.glob("gen-train1-*/lmdb/done.txt")), proc)
+        _kill(proc)  # mid-generation: some batches committed
+        proc = subprocess.Popen(cmd("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        _wait(lambda: any(killed.glob("ft-*/train.log")) and bool(_caffe_running(killed)), proc)
+        _kill(proc)  # mid-fine-tune: caffe train is running
+        deadline = time.time() + 60
+        while _caffe_running(killed) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _caffe_running(killed), "caffe train outlived the killed hcgen table1"
+        assert subprocess.run(cmd("killed"), capture_output=True, timeout=900).returncode == 0
+        assert first.wait(timeout=900) == 0
+    finally:
+        for p in procs:  # a failed assertion leaves none running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     for name in ("table1.json", "table1.md"):
         assert (tmp_path / "killed-results" / name).read_text() == (tmp_path / "ref-results" / name).read_text()
