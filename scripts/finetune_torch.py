@@ -130,7 +130,8 @@ def main() -> None:
                      "training_images": len(train_x) + (len(hard) if row != "Basic LeNet" else 0)})
     print(f"{'row':<14} {'MNIST test error':>17} {'adversarial error':>18} {'training images':>16}")
     for r in rows:
-        print(f"{r['row']:<14} {r['mnist_test_error']:>17.2%} {r['adversarial_error']:>18.2%} {r['training_images']:>16}")
+        print(f"{r['row']:<14} {r['mnist_test_error']:>17.2%} {r['adversarial_error']:>18.2%} "
+              f"{r['training_images']:>16}")
     (out / "finetune_torch.json").write_text(json.dumps({"settings": vars(args), "heldout_records": len(held),
                                                         "rows": rows}, indent=1) + "\n")
 
