@@ -29,6 +29,7 @@ import lmdb
 import numpy as np
 
 from hcgen.fileio import atomic_write, crash_point
+from hcgen.locks import check_not_written
 
 KEY_DIGITS = 8
 METADATA_FILE = "metadata.csv"
@@ -161,7 +162,9 @@ def _reason(exc: lmdb.Error, path: str | os.PathLike) -> str:
 def _open_readonly(path: str | os.PathLike) -> lmdb.Environment:
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
-    # lock=False: readers may sit on read-only media; do not read an LMDB while another process writes it.
+    # lock=False: readers may sit on read-only media; do not read an LMDB while another process writes it
+    # (an hcgen run writing it holds its folder lock: refused here).
+    check_not_written(path)
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     except lmdb.Error as exc:

@@ -3,7 +3,8 @@
 `folder_lock(folder)` holds ``fcntl.flock`` on ``folder/.hcgen.lock``, which names the holder
 (``PID HOST``). The kernel drops a flock when its process dies, so the file a killed run leaves
 behind never blocks the next run: whoever locks it next simply takes it over. A second run while
-the first is alive fails at once with `FolderInUse` ("... is in use by process PID (host H)").
+the first is alive fails at once with `FolderInUse` ("... is in use by process PID (host H)"), and
+`check_not_written` lets a reader refuse a folder that a live run is writing.
 
 The lock file is removed on release. A run that opened the file just before it was removed would
 lock an inode no longer in the folder, so after locking, the path is checked to still name the
@@ -16,6 +17,7 @@ import errno
 import fcntl
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +27,9 @@ LOCK_FILE = ".hcgen.lock"
 
 class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
+
+
+_held: dict[str, int] = {}  # folder (realpath) -> the thread of this process that holds it
 
 
 def _holder(fd: int) -> str:
@@ -50,6 +55,7 @@ def _open(path: Path) -> int:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Create `folder` if needed and hold its exclusive lock for the ``with`` block; yields the folder.
+    The thread holding it may enter it again (a no-op); any other locker gets FolderInUse.
 
     Raises FolderInUse when a live process holds it, NotADirectoryError when `folder` is a file,
     PermissionError when the folder cannot be written.
@@ -66,6 +72,10 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         if exc.errno == errno.ENOTDIR:
             raise NotADirectoryError(f"{folder}: a parent of it is a file; choose another output path") from None
         raise
+    key = os.path.realpath(folder)
+    if _held.get(key) == threading.get_ident():  # re-entered by its holder (a command, then the library)
+        yield folder
+        return
     path = folder / LOCK_FILE
     while True:
         fd = _open(path)
@@ -86,8 +96,32 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        _held[key] = threading.get_ident()
         yield folder
     finally:
+        _held.pop(key, None)
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def check_not_written(folder: str | os.PathLike) -> None:
+    """Raise FolderInUse if another process holds `folder`'s lock (a run is writing what we would read).
+
+    Read-only: the lock file is only opened if it exists, and a shared lock is taken and dropped at once,
+    so this works on read-only media and never blocks another reader."""
+    path = Path(folder) / LOCK_FILE
+    if os.path.realpath(folder) in _held:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody writes it (or we may not even look)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise FolderInUse(f"{folder} is being written by {holder}; wait for that run to finish") from None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

@@ -115,12 +115,17 @@ def test_generate_killed_anywhere_resumes_to_the_same_records(gen):
 
 
 def test_two_generate_runs_on_one_out(gen):
-    """The second exits 2 at once with the lock message; the output is a single run's."""
+    """The second exits 2 at once with the lock message (the first is stopped meanwhile, so that it
+    cannot finish first); the output is a single run's."""
     root, cmd = gen
     out = root / "twice"
     first = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait(lambda: (out / LOCK_FILE).is_file() and (out / LOCK_FILE).read_text().startswith(f"{first.pid} "), first)
-    second = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    first.send_signal(signal.SIGSTOP)  # holds the lock however fast it would finish
+    try:
+        second = subprocess.run(cmd(out), capture_output=True, text=True, timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert second.stderr.splitlines() == [f"hcgen generate: error: {out} is in use by process {first.pid} "
                                           f"(host {socket.gethostname()}); wait for that run to finish, or use "
@@ -129,35 +134,42 @@ def test_two_generate_runs_on_one_out(gen):
     assert_same_generation(out, root / "ref")
 
 
+def _rows(out: Path) -> int:
+    path = out / METADATA_FILE
+    return path.read_bytes().count(b"\n") - 1 if path.exists() else 0
+
+
 def test_mix_killed_anywhere_resumes_to_the_same_lmdb(gen, tmp_path):
-    """A crash between a chunk's metadata rows and its LMDB commit, then 5 SIGKILLs at seeded moments."""
+    """A crash between a chunk's metadata rows and its LMDB commit, then 5 SIGKILLs at seeded moments
+    (a seeded number of rows past what is committed: inside or just after the next chunk)."""
     root, _ = gen
     rng = np.random.default_rng(3)
-    write_datums(tmp_path / "many", rng.integers(0, 256, (24000, 1, 28, 28), dtype=np.uint8),
-                 rng.integers(0, 10, 24000))
+    write_datums(tmp_path / "many", rng.integers(0, 256, (44000, 1, 28, 28), dtype=np.uint8),
+                 rng.integers(0, 10, 44000))
 
     def cmd(out: Path) -> list[str]:
         return HCGEN + ["mix", str(root / "ref"), "--with-mnist", str(tmp_path / "many"), "--seed", "5",
                         "--out", str(out)]
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True, timeout=600)
-    ref_size = (tmp_path / "ref" / METADATA_FILE).stat().st_size
+    total = lmdb_count(tmp_path / "ref")
     out = tmp_path / "killed"
     run = subprocess.run(cmd(out), capture_output=True, env={**os.environ, "HCGEN_CRASH_AT": "lmdb-metadata-appended:2"})
     assert run.returncode == -signal.SIGKILL
-    assert len((out / METADATA_FILE).read_text().splitlines()) - 1 > lmdb_count(out) == 4096
+    assert _rows(out) > lmdb_count(out) == 4096  # the 2nd chunk's rows, its records never committed
     landed = []
-    for fraction in np.sort(rng.uniform(0.3, 0.95, size=5)):
+    for _ in range(5):
+        target = lmdb_count(out) + 1 + int(rng.integers(0, 4096))
         proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: (out / METADATA_FILE).stat().st_size >= fraction * ref_size, proc)
-        time.sleep(rng.uniform(0, 0.02))
+        _wait(lambda: _rows(out) >= target, proc)
+        time.sleep(rng.uniform(0, 0.01))
         _kill(proc)
-        landed.append(len((out / METADATA_FILE).read_text().splitlines()) - 1)
-    assert all(n < lmdb_count(tmp_path / "ref") for n in landed), landed
+        landed.append(lmdb_count(out))
+    assert landed == sorted(landed) and landed[-1] < total, landed  # each kill mid-run, further on
     subprocess.run(cmd(out), check=True, capture_output=True, timeout=600)
     keys, images, labels = read_lmdb(out)
     keys0, images0, labels0 = read_lmdb(tmp_path / "ref")
-    assert keys == keys0 and len(keys) == 24000 + lmdb_count(root / "ref")
+    assert keys == keys0 and len(keys) == 44000 + lmdb_count(root / "ref")
     np.testing.assert_array_equal(images, images0)
     np.testing.assert_array_equal(labels, labels0)
     assert (out / METADATA_FILE).read_bytes() == (tmp_path / "ref" / METADATA_FILE).read_bytes()

@@ -234,3 +234,49 @@ def test_dask_worker_env_reaches_the_workers_not_the_driver(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HCGEN_THREADS"}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert json.loads(r.stdout.splitlines()[-1]) == {"worker": "1", "driver": None}, r.stderr[-2000:]
+
+
+def test_readers_refuse_an_lmdb_a_live_run_writes(tmp_path):
+    """Reading an LMDB while a run appends to it would mix old and new records: refused, naming the writer;
+    a stale lock file (killed writer) and a lock held by this very process do not stop reading."""
+    from hcgen.lmdb_io import lmdb_count, write_datums
+
+    import numpy as np
+
+    write_datums(tmp_path / "db", np.zeros((3, 1, 2, 2), np.uint8), [0, 1, 2])
+    proc = _holder(tmp_path / "db")
+    try:
+        with pytest.raises(FolderInUse, match=rf"db is being written by process {proc.pid} \(host "
+                           rf"{socket.gethostname()}\); wait for that run to finish"):
+            lmdb_count(tmp_path / "db")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "db" / LOCK_FILE).exists() and lmdb_count(tmp_path / "db") == 3  # stale: readable
+    with folder_lock(tmp_path / "db"):
+        assert lmdb_count(tmp_path / "db") == 3  # our own lock
+
+
+def test_the_holder_thread_may_reenter_other_threads_may_not(tmp_path):
+    """A command locks --out, then the library it calls locks it again: fine in that thread only."""
+    import threading
+
+    with folder_lock(tmp_path / "out"):
+        with folder_lock(tmp_path / "out"):
+            pass
+        assert (tmp_path / "out" / LOCK_FILE).exists()  # the inner exit did not release it
+        errors = []
+
+        def other():
+            try:
+                with folder_lock(tmp_path / "out"):
+                    pass
+            except FolderInUse as exc:
+                errors.append(str(exc))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert errors == [f"{tmp_path / 'out'} is in use by process {os.getpid()} (host {socket.gethostname()}); "
+                          "wait for that run to finish, or use another folder"]
+    assert not (tmp_path / "out" / LOCK_FILE).exists()

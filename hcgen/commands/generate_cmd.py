@@ -87,6 +87,13 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hcgen.locks import folder_lock
+
+    with folder_lock(args.out):  # a second run on --out exits 2 at once, before anything is loaded
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.generate import generate
 
     from hcgen.pipeline.generate import parse_methods, parse_scales, parse_shard
