@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from hcgen.fileio import atomic_write, atomic_write_json
-from hcgen.lmdb_io import METADATA_FILE, MetadataTable, lmdb_count, mix_lmdbs
+from hcgen.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb, lmdb_count, mix_lmdbs
 from hcgen.locks import folder_lock
 
 LOG_FILE = "train.log"
@@ -184,6 +186,32 @@ def _last_error(lines: Sequence[str]) -> str:
     return fatal_line("".join(lines))
 
 
+def _loss_classes(net_text: str) -> int | None:
+    """The class count of the net's SoftmaxWithLoss: num_output of the InnerProduct feeding it (None
+    when the net is shaped otherwise)."""
+    from caffe.proto import caffe_pb2
+    from google.protobuf import text_format
+
+    net = text_format.Parse(net_text, caffe_pb2.NetParameter())
+    for loss in (layer for layer in net.layer if layer.type == "SoftmaxWithLoss"):
+        producers = [layer for layer in net.layer if loss.bottom[0] in layer.top and layer.type == "InnerProduct"]
+        if producers:
+            return int(producers[-1].inner_product_param.num_output)
+    return None
+
+
+def _check_labels(path: str, classes: int | None, option: str) -> None:
+    """Every label of the LMDB is a class of the net: Caffe's SoftmaxWithLoss only DCHECKs it, so a
+    release build would read past its probabilities and train on garbage."""
+    if classes is None:
+        return
+    for keys, _, labels in iter_lmdb(path, batch_size=4096):
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if len(bad):
+            raise ValueError(f"{path} ({option}): record {keys[bad[0]]} has label {labels[bad[0]]}, outside the "
+                             f"net's {classes} classes [0, {classes}); an LMDB of another task?")
+
+
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
           seed: int | None = None, train_lmdb: str | os.PathLike | None = None,
           test_lmdb: str | os.PathLike | None = None, iterations: int | None = None,
@@ -234,6 +262,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     for phase, option in (("TRAIN", "--train"), ("TEST", "--test")):
         if phase in rendered.sources and (phase == "TRAIN" or reference.test_iter):  # no test_iter, no test net
             _check_lmdb(rendered.sources[phase], "training" if phase == "TRAIN" else "test", option)
+            _check_labels(rendered.sources[phase], _loss_classes(rendered.net), option)
     tested = reference.test_iter and {"TRAIN", "TEST"} <= set(rendered.sources)
     if tested and Path(rendered.sources["TEST"]).resolve() == Path(rendered.sources["TRAIN"]).resolve():
         raise ValueError(f"the training and test LMDB are both {rendered.sources['TRAIN']}: this Caffe hangs "
