@@ -82,9 +82,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000, help="training iterations (default 2000)")
     parser.add_argument("--caffemodel", default=None, help="copy a trained Caffe LeNet instead (needs pycaffe)")
     parser.add_argument("--mnist", default=None, help="folder with the MNIST IDX files (default: hcgen's search path)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     args = parser.parse_args()
     from hcgen.torch_net import state_dict_from_caffe
 
+    torch.manual_seed(args.seed)
     model = lenet()
     if args.caffemodel:
         from hcgen.caffe_net import CaffeNet
@@ -97,7 +99,7 @@ def main() -> None:
         from hcgen.mnist import load_mnist
 
         images, labels = load_mnist(args.mnist, "train")
-        train(model, images[:, None], labels, args.iterations,
+        train(model, images[:, None], labels, args.iterations, seed=args.seed,
               progress=lambda it, loss: print(f"iteration {it} loss {loss:.4f}") if it % 500 == 0 else None)
     torch.save(model.state_dict(), args.out)
     print(f"wrote {args.out}")
