@@ -271,3 +271,8 @@ def test_generate_cli_torch(tmp_path, capsys, trained_torch_lenet):
         err = capsys.readouterr().err.strip()
         assert err.startswith("hcgen generate: error: device 'cuda' requested but torch.cuda.is_available() is False")
         assert "\n" not in err
+    deploy = str(REPO / "models" / "lenet" / "lenet_deploy.prototxt")
+    for extra, message in (([], "--weights (the trained caffemodel) is required with --framework caffe"),
+                           (["--weights", str(weights), "--device", "cuda"], "--device cuda needs --framework torch")):
+        assert main(["generate", "--model", deploy, "--out", str(tmp_path / "caffe"), *extra]) == 2
+        assert message in capsys.readouterr().err
