@@ -83,9 +83,11 @@ def main() -> None:
     parser.add_argument("--caffemodel", default=None, help="copy a trained Caffe LeNet instead (needs pycaffe)")
     parser.add_argument("--mnist", default=None, help="folder with the MNIST IDX files (default: hcgen's search path)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     from hcgen.torch_net import state_dict_from_caffe
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = lenet()
     if args.caffemodel:
