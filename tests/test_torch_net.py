@@ -172,6 +172,7 @@ def test_cuda_is_refused_without_a_gpu(tiny, tmp_path):
         check_device("tpu")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch 2.13 deprecates TorchScript
 def test_torchscript_model(tiny, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.script(tiny), str(path))
@@ -185,6 +186,7 @@ def test_torchscript_model(tiny, tmp_path):
         TorchNet(scripted, COLOUR, layer="ip", input_shape=(3, 6, 6))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found: .*nope.py"):
         load_model(f"{tmp_path / 'nope.py'}:lenet")
