@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from hcgen import __version__, directions, metrics, search
+from hcgen.backend import Backend
 from hcgen.fileio import atomic_write, atomic_write_json, crash_point
 from hcgen.lmdb_io import METADATA_FILE, DatumWriter, MetadataTable, lmdb_count, read_lmdb
 from hcgen.locks import LOCK_FILE, folder_lock
@@ -142,7 +143,7 @@ def select(n: int, limit: Optional[int], seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
-def compute_directions(net, x: np.ndarray, y: np.ndarray, h: np.ndarray,
+def compute_directions(net: Backend, x: np.ndarray, y: np.ndarray, h: np.ndarray,
                        methods: Sequence[Method]) -> tuple[np.ndarray, np.ndarray]:
     """eta (N, D, C, H, W) and valid (N, D) for D methods; one loss backward, one B_l per distinct k."""
     kinds = {m.kind for m in methods}
@@ -182,7 +183,7 @@ class BatchResult:
     searches: int = 0
 
 
-def generate_batch(net, x: np.ndarray, y: np.ndarray, source_index: np.ndarray, batch: int,
+def generate_batch(net: Backend, x: np.ndarray, y: np.ndarray, source_index: np.ndarray, batch: int,
                    methods: Sequence[Method], scales: Sequence[float], min_pass: float,
                    n_jobs: Optional[int] = None) -> BatchResult:
     """All records of one batch of source images (only the correctly classified ones are searched)."""
@@ -376,7 +377,7 @@ def _open_settings(out: Path, record: dict) -> None:
                          "use another --out or the same options and files to resume")
 
 
-def generate(net, settings: GenerateSettings, out: str | os.PathLike,
+def generate(net: Backend, settings: GenerateSettings, out: str | os.PathLike,
              progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
     """Run (or resume) a generation into the LMDB folder `out`; returns the summary (also summary.json).
 
