@@ -69,3 +69,13 @@ def softmax_loss_seed(h: np.ndarray, labels: np.ndarray) -> np.ndarray:
     p /= p.sum(axis=1, keepdims=True)
     p[np.arange(len(labels)), labels] -= 1.0
     return p
+
+
+def check_labels(labels, n: int, num_classes: int) -> np.ndarray:
+    """`labels` as an array of `n` class indices in [0, num_classes); ValueError otherwise."""
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {y.shape}")
+    if y.min(initial=0) < 0 or y.max(initial=0) >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
+    return y

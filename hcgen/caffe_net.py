@@ -30,6 +30,7 @@ import caffe  # noqa: E402
 from caffe.proto import caffe_pb2  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
+from hcgen.backend import check_labels  # noqa: E402
 
 caffe.set_mode_cpu()
 
@@ -238,11 +239,7 @@ class CaffeNet:
     def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
         x = self._check(pixels)
-        y = np.asarray(labels)
-        if y.shape != (len(x),):
-            raise ValueError(f"labels must have shape ({len(x)},), got {y.shape}")
-        if y.min(initial=0) < 0 or y.max(initial=0) >= self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {y.min()}..{y.max()}")
+        y = check_labels(labels, len(x), self.num_classes)
         out = np.empty(x.shape, dtype=np.float64)
         for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from hcgen.backend import softmax_loss_seed
+from hcgen.backend import check_labels, softmax_loss_seed
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
            "open_torch_net", "state_dict_from_caffe", "check_device"]
@@ -287,11 +287,7 @@ class TorchNet:
     def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """∇ₓJ of the softmax cross-entropy of the scores per image, in pixel units (Eq. 6)."""
         x = self._check(pixels)
-        y = np.asarray(labels)
-        if y.shape != (len(x),):
-            raise ValueError(f"labels must have shape ({len(x)},), got {y.shape}")
-        if y.min(initial=0) < 0 or y.max(initial=0) >= self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {y.min()}..{y.max()}")
+        y = check_labels(labels, len(x), self.num_classes)
         out = np.empty(x.shape, dtype=np.float64)
         for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size
