@@ -352,3 +352,23 @@ def test_claims_are_checked_with_welch_tests():
     numbers["HC-D-9"]["adversarial"] = nine(15.0, 0.5)  # next to HC-D-9-1.05: (b) not significant
     verdicts = {c["id"]: c["verdict"] for c in claims(numbers, bins)}
     assert verdicts["c"] == "does not hold" and verdicts["b"] == "not significant"
+
+
+def test_estimate_takes_rates_from_other_profiles_runs_beside_it(tiny_run, tmp_path, capsys):
+    """A finished tiny run in work/tiny calibrates `--profile quick --estimate` in work/quick."""
+    from hcgen.cli import main
+
+    profile, _, work, _, _ = tiny_run
+    (tmp_path / "tiny").symlink_to(work)
+    rates, used = table1.sibling_rates(tmp_path / "quick")
+    assert used == ["tiny"]
+    assert rates["training iterations"] == pytest.approx(table1.measured_rates(work, profile)["training iterations"][0])
+    assert main(["table1", "--profile", "quick", "--work", str(tmp_path), "--dask", "--workers", "2",
+                 "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("expected: ~") and f"rates from the finished tiny run(s) in {tmp_path}" in out
+    left, wall, source = table1.estimate_for_cli(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"],
+                                                 tmp_path / "quick", 2)
+    durations = table1.expected_seconds(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"], rates)
+    assert left == pytest.approx(sum(durations.values())) and 0 < wall < left
+    assert not (tmp_path / "quick").exists()  # nothing ran, nothing was written

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
                    "them side by side (default 1; changes those stages' folders, not their records)")
     p.add_argument("--estimate", action="store_true",
                    help="print the expected wall time for this profile and worker count, then exit (rates "
-                   "from the finished stages in --work when there are any)")
+                   "from the finished stages in --work, else from other profiles' runs beside it, else defaults)")
     p.set_defaults(func=run_locked)
 
 
@@ -64,7 +64,7 @@ def _duration(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
     from hcgen.pipeline.stages import run_sequential, stage_times
-    from hcgen.pipeline.table1 import PROFILES, estimate, expected_seconds, report_spec, stages
+    from hcgen.pipeline.table1 import PROFILES, estimate_for_cli, expected_seconds, report_spec, stages
 
     profile = PROFILES[args.profile]
     if args.shards is not None:
@@ -79,12 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate and args.scheduler:
         raise ValueError("--estimate works for this machine only (a cluster's size and speed are unknown here)")
     if not args.scheduler:  # a remote cluster's size and speed are unknown here
-        left, wall, calibrated = estimate(graph, profile, work, workers)
+        left, wall, source = estimate_for_cli(graph, profile, work, workers)
         if left == 0 and args.estimate:
             print(f"every stage of the {profile.name} profile in {work} is finished")
         elif left > 0:
-            source = ("rates from this work folder's finished stages" if calibrated else
-                      "default rates, from a 2-core machine (benchmarks/README.md); they adapt once stages finish here")
             print(f"expected: ~{_duration(wall)} with {workers} worker{'s' * (workers > 1)} "
                   f"({_duration(left)} of stage work left; {source})", flush=True)
         if args.estimate:

@@ -471,6 +471,42 @@ def estimate(graph: dict[str, Stage], profile: Profile, work: Path, workers: int
     return _stages.estimate(graph, work_of(profile), SECONDS_PER_UNIT, work, workers)
 
 
+def sibling_rates(work: Path) -> tuple[dict[str, float], list[str]]:
+    """Rates measured by runs of *other* profiles beside `work` (work/table1/quick, .../medium, ...):
+    kind -> seconds per unit over all their finished stages, and the profiles they came from."""
+    seconds: dict[str, float] = {}
+    units: dict[str, float] = {}
+    used = []
+    root = Path(work).parent
+    for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        if folder == Path(work) or folder.name not in PROFILES or not folder.is_dir():
+            continue
+        rates = measured_rates(folder, PROFILES[folder.name])
+        if rates:
+            used.append(folder.name)
+        for kind, (rate, total, _) in rates.items():
+            seconds[kind] = seconds.get(kind, 0.0) + total
+            units[kind] = units.get(kind, 0.0) + total / rate
+    return {k: seconds[k] / units[k] for k in seconds if units[k] > 0}, used
+
+
+def estimate_for_cli(graph: dict[str, Stage], profile: Profile, work: Path, workers: int) -> tuple[float, float, str]:
+    """(stage seconds left, wall seconds, where the rates came from): this work folder's finished stages,
+    else those of other profiles' runs beside it, else the defaults."""
+    left, wall, calibrated = estimate(graph, profile, work, workers)
+    if calibrated:
+        return left, wall, "rates from this work folder's finished stages"
+    rates, used = sibling_rates(work)
+    if rates:
+        durations = _stages.expected_seconds(graph, work_of(profile), {**SECONDS_PER_UNIT, **rates}, work)
+        deps = {name: tuple(stage.deps) for name, stage in graph.items()}
+        wall = _stages.simulate(durations, deps, _stages.topological(graph), workers)
+        return sum(durations.values()), wall, (f"rates from the finished {' and '.join(used)} run(s) in "
+                                               f"{Path(work).parent}")
+    return left, wall, ("default rates, from a 2-core machine (benchmarks/README.md); they adapt once stages "
+                        "finish here")
+
+
 def report_spec(profile: Profile) -> dict:
     """What `hcgen.pipeline.report` needs to know of this protocol: rows, their paper numbers, figures' inputs."""
     p = profile
