@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hcgen.fileio import atomic_write
 from hcgen.lmdb_io import MetadataTable, lmdb_count, read_raw, decode_datum
 
 MNIST_SET, HELDOUT_SET = "mnist_test_lmdb", "lmdb"
@@ -298,10 +299,10 @@ def write_report(spec: dict, outputs: dict[str, Path], results: Path,
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     text, numbers = table1(spec, outputs)
-    (results / "table1.md").write_text(text)
-    (results / "table1.json").write_text(json.dumps({"profile": spec["profile"], **numbers}, indent=1))
+    atomic_write(results / "table1.md", text)
+    atomic_write(results / "table1.json", json.dumps({"profile": spec["profile"], **numbers}, indent=1))
     if stage_seconds is not None:
-        (results / "stage_times.json").write_text(json.dumps(stage_seconds, indent=1, sort_keys=True))
+        atomic_write(results / "stage_times.json", json.dumps(stage_seconds, indent=1, sort_keys=True))
     made = figures(outputs, spec, results)
     reproduce = ""
     if numbers["claims"]:
@@ -316,7 +317,7 @@ def write_report(spec: dict, outputs: dict[str, Path], results: Path,
         reproduce += (f"\nPASS threshold: tau = {tau['tau']:.4f} keeps {rows['FGV']['kept_share_of_digits']:.1%} of the "
                       f"digits as FGV images (the paper's 37,663 / 60K = {tau['paper_fgv_share']:.1%}) and "
                       f"{rows['HC-D-9']['kept_per_60k_digits']:,.0f} HC-D-9 images per 60K digits (paper: ~340K).\n")
-    (results / "README.md").write_text(
+    atomic_write(results / "README.md",
         f"# Results ({spec['profile']} profile)\n\n"
         "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/pipeline/table1.py`.\n\n"
         "- `table1.md` / `table1.json`: MNIST test error and error on the held-out adversarial set "

@@ -38,6 +38,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from hcgen.fileio import atomic_write
 from hcgen.pipeline import stages as _stages
 from hcgen.pipeline.stages import Stage
 
@@ -215,9 +216,7 @@ def _tau(out: Path, *generated: Path, tau: Union[str, float, None], sources: int
                       "kept_per_60k_digits": float(np.mean(kept)) * MNIST_TRAIN / sources,
                       "paper": PAPER_TRAIN_IMAGES.get(row)}
     info["rows"] = table
-    tmp = out / "tau.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(out / "tau.json")
+    atomic_write(out / "tau.json", json.dumps(info, indent=1))
 
 
 def read_tau(folder: Path) -> Optional[float]:
@@ -304,7 +303,7 @@ def _evaluate(out: Path, net: Path, mnist: Path, heldout: Path) -> None:
 
     results = evaluate(MODELS / "lenet_deploy.prototxt", caffemodel(net),
                        [mnist / "mnist_test_lmdb", heldout / "lmdb"])
-    (out / "errors.json").write_text(json.dumps([r.as_dict() for r in results], indent=1))
+    atomic_write(out / "errors.json", json.dumps([r.as_dict() for r in results], indent=1))
 
 
 def row_evals(p: Profile) -> dict[str, list[str]]:
