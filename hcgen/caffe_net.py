@@ -30,7 +30,7 @@ import caffe  # noqa: E402
 from caffe.proto import caffe_pb2  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
-from hcgen.backend import check_labels  # noqa: E402
+from hcgen.backend import check_labels, softmax_loss_seed  # noqa: E402
 
 caffe.set_mode_cpu()
 
@@ -244,14 +244,7 @@ class CaffeNet:
         for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size
             yy = y[start:stop]
-
-            def dloss_dlogits(h: np.ndarray) -> np.ndarray:
-                p = np.exp(h - h.max(axis=1, keepdims=True))
-                p /= p.sum(axis=1, keepdims=True)
-                p[np.arange(len(yy)), yy] -= 1.0  # dJ/dh = softmax(h) - onehot(y)
-                return p
-
-            out[start:stop] = self._backward_chunk(x[start:stop], lambda h: [dloss_dlogits(h)])[0]
+            out[start:stop] = self._backward_chunk(x[start:stop], lambda h: [softmax_loss_seed(h, yy)])[0]
         return out
 
 
