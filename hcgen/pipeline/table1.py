@@ -496,12 +496,9 @@ def estimate_for_cli(graph: dict[str, Stage], profile: Profile, work: Path, work
     if calibrated:
         return left, wall, "rates from this work folder's finished stages"
     rates, used = sibling_rates(work)
-    if rates:
-        durations = _stages.expected_seconds(graph, work_of(profile), {**SECONDS_PER_UNIT, **rates}, work)
-        deps = {name: tuple(stage.deps) for name, stage in graph.items()}
-        wall = _stages.simulate(durations, deps, _stages.topological(graph), workers)
-        return sum(durations.values()), wall, (f"rates from the finished {' and '.join(used)} run(s) in "
-                                               f"{Path(work).parent}")
+    if rates:  # nothing finished in `work`, so these rates stand in for the defaults
+        left, wall, _ = _stages.estimate(graph, work_of(profile), {**SECONDS_PER_UNIT, **rates}, work, workers)
+        return left, wall, f"rates from the finished {' and '.join(used)} run(s) in {Path(work).parent}"
     return left, wall, ("default rates, from a 2-core machine (benchmarks/README.md); they adapt once stages "
                         "finish here")
 
