@@ -51,6 +51,13 @@ def _verdict(better: bool, p: float) -> str:
     return "holds" if p < ALPHA else "not significant"
 
 
+def _overall(verdicts: list[str]) -> str:
+    """A claim made of several comparisons holds when all do, fails when any goes the other way."""
+    if all(v.startswith("holds") for v in verdicts):
+        return "holds"
+    return "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant"
+
+
 def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic LeNet",
            infimnist: str = "InfiMNIST-style") -> list[dict]:
     """The claims of Sec. 5.2 checked on `numbers` (row -> {"mnist": [...], "adversarial": [...]}, one value
@@ -74,8 +81,7 @@ def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic 
                 v, e, _, _ = compare(r, basic, col)
                 verdicts.append(v)
                 parts.append(f"{col}: {e}: {v}")
-        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
-                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        overall = _overall(verdicts)
         out.append({"id": "a", "claim": "every adversarially fine-tuned row beats Basic LeNet on both columns",
                     "verdict": overall, "evidence": parts})
     if "HC-D-9-1.05" in numbers and len(adversarial_rows) > 1:
@@ -92,8 +98,7 @@ def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic 
                 verdicts.append(v)
                 parts.append(f"{e}: {v}")
         if verdicts:
-            overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
-                       "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+            overall = _overall(verdicts)
             out.append({"id": "c", "claim": "HC-D-9, HC-D-9-1.05 and FGV beat FGS on adversarial error",
                         "verdict": overall, "evidence": parts})
     if infimnist in numbers and adversarial_rows:
@@ -102,8 +107,7 @@ def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic 
             v, e, _, _ = compare(r, infimnist, "adversarial")
             verdicts.append(v)
             parts.append(f"{e}: {v}")
-        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
-                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        overall = _overall(verdicts)
         out.append({"id": "d", "claim": f"the {infimnist} row does poorly on adversarial images "
                     "(worse than every adversarially fine-tuned row)", "verdict": overall, "evidence": parts})
     if "0.80-0.90" in bins and len(bins) > 2:
@@ -114,8 +118,7 @@ def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic 
             v, e, _, _ = compare("0.80-0.90", other, "adversarial", bins)
             verdicts.append(v)
             parts.append(f"PASS {e}: {v}")
-        overall = ("holds" if all(v.startswith("holds") for v in verdicts) else
-                   "does not hold" if any(v == "does not hold" for v in verdicts) else "not significant")
+        overall = _overall(verdicts)
         out.append({"id": "e", "claim": "Fig. 6: training on the 0.8-0.9 PASS bin does better on adversarial "
                     "images than the lowest and the highest PASS bins", "verdict": overall, "evidence": parts})
     return out
