@@ -6,7 +6,8 @@ import os
 import sys
 
 from hcgen import __version__
-from hcgen.commands import data_cmd, demo_cmd, doctor, generate_cmd, pass_cmd, report_cmd, table1_cmd, train_cmd
+from hcgen.commands import (data_cmd, demo_cmd, doctor, export_cmd, generate_cmd, pass_cmd, report_cmd, table1_cmd,
+                            train_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hcgen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo_cmd, doctor, data_cmd, pass_cmd, generate_cmd, train_cmd, table1_cmd, report_cmd):
+    for module in (demo_cmd, doctor, data_cmd, pass_cmd, generate_cmd, train_cmd, table1_cmd, report_cmd,
+                   export_cmd):
         module.add_parser(sub)
     return parser
 
