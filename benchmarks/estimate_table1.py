@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.pipeline.stages import simulate, topological
+from hcgen.pipeline.stages import critical_path_order, simulate, topological
 from hcgen.pipeline.table1 import PROFILES, expected_seconds, measured_rates, stage_work, stages
 
 
@@ -64,7 +64,7 @@ def main() -> None:
         print(f"  {kind:24s} {s / 3600:6.2f} h  ({s / total:.0%}){note}")
     deps = {name: tuple(stage.deps) for name, stage in graph.items()}
     for w in args.workers:
-        wall = simulate(durations, deps, topological(graph), w)
+        wall = simulate(durations, deps, critical_path_order(durations, deps, topological(graph)), w)
         print(f"estimated wall time with {w} worker(s): {wall / 3600:.1f} h  (extrapolated, not measured)")
 
 

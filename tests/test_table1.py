@@ -288,6 +288,78 @@ def test_medium_profile_keeps_the_structure_and_shrinks_sizes_only():
     assert (medium.train_tau, medium.base_orderings, medium.infimnist_from_scratch) == ("calibrate", True, True)
 
 
+def test_paper_rows_profile_has_the_papers_sizes_for_its_rows():
+    """Issue 23: 3 base nets x 1 ordering, five rows plus the images-only ablation, 60K sources per net,
+    20K fine-tuning iterations, a 14 x 5K held-out set from all 10K test digits of the 3 nets."""
+    p = table1.PROFILES["paper-rows"]
+    g = table1.stages(p)
+    rows = table1.row_evals(p)
+    assert set(rows) == {"Basic LeNet", "FGS", "FGV", "HC-D-9", "HC-D-9-1.05", "HC-D-9-1.05-only"}
+    assert all(len(evals) == 3 for evals in rows.values())  # 3 nets per row
+    assert {g[f"base{b}"].params["iterations"] for b in (1, 2, 3)} == {10_000}
+    assert [g[f"base{b}"].deps for b in (1, 2, 3)] == [["mnist", f"order{b}"] for b in (1, 2, 3)]
+    for b in (1, 2, 3):
+        train, test = g[f"gen-train{b}"].params, g[f"gen-test{b}"].params
+        assert train["limit"] is None and test["limit"] is None  # all 60K / all 10K digits
+        # the methods the rows need: FGS, FGV, HC-D-1..9 (x1.05 for HC-D-9-1.05); no HC-S row, no HC-S
+        assert [m.name for m in table1_methods(train["methods"])] == ["FGS", "FGV"] + [f"HC-D-{k}" for k in range(1, 10)]
+        assert train["scales"] == "1.05"
+    fts = [n for n in g if n.startswith("ft-")]
+    assert len(fts) == 5 * 3 and {g[n].params["iterations"] for n in fts} == {20_000}
+    assert {g[n].deps[0] for n in fts} == {"base1", "base2", "base3"}
+    # every row's fine-tunes of base net b read the same ordering seed: paired across rows
+    for b in (1, 2, 3):
+        assert len({g[n].params["seed"] for n in fts if f"-net{b}-" in n}) == 1
+    assert g["heldout"].deps == ["gen-test1", "gen-test2", "gen-test3"] and g["heldout"].params["per_type"] == 5_000
+    assert g["tau"].params["tau"] == "calibrate" and "HC-D-9-1.05-only" not in g["tau"].params["rows"]
+    for b in (1, 2, 3):
+        only, full = g[f"mix-HC-D-9-1.05-only-net{b}-order1"].params, g[f"mix-HC-D-9-1.05-net{b}-order1"].params
+        assert only["with_mnist"] is False and full["with_mnist"] is True  # the ablation: no MNIST digits
+        assert (only["methods"], only["scales"], only["seed"]) == (full["methods"], full["scales"], full["seed"])
+        assert "tau" in g[f"mix-HC-D-9-1.05-only-net{b}-order1"].deps
+    assert not any(n.startswith(("infimnist", "scratch-", "ft-pass")) for n in g)  # no InfiMNIST row, no Fig. 6
+    spec = table1.report_spec(p)
+    assert spec["claims"] and spec["bins"] == [] and "images only" in spec["description"]
+    # the ablation's mix holds the row's images and no digits; the full row's holds both
+    kind, size = table1.stage_work("mix-HC-D-9-1.05-only-net1-order1", only, p)
+    assert (kind, size) == ("mixed records", 9 * 60_000)
+
+
+def table1_methods(spec):
+    from hcgen.pipeline.generate import parse_methods
+
+    return parse_methods(spec)
+
+
+def test_unknown_row_in_a_profile_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="unknown rows \\['HC-X'\\]"):
+        table1.stages(replace(table1.PROFILES["tiny"], rows=("FGS", "HC-X")))
+
+
+def test_critical_path_order_runs_the_long_chain_first():
+    """Two workers, a long chain behind `a` and short stages listed before it: graph order starts the short
+    ones first and finishes later than longest-path-first, which is also a valid dependency order."""
+    durations = {"s1": 1.0, "s2": 1.0, "a": 1.0, "b": 10.0, "c": 10.0}
+    deps = {"s1": (), "s2": (), "a": (), "b": ("a",), "c": ("b",)}
+    order = ["s1", "s2", "a", "b", "c"]
+    ranked = stages.critical_path_order(durations, deps, order)
+    assert ranked[0] == "a" and ranked.index("b") < ranked.index("c")
+    assert stages.simulate(durations, deps, order, 2) == 22.0  # s1, s2 first; a waits for a worker
+    assert stages.simulate(durations, deps, ranked, 2) == 21.0
+    for name in ranked:  # every stage after its inputs
+        assert all(ranked.index(d) < ranked.index(name) for d in deps[name])
+    # the paper-rows graph on 2 workers: never worse than graph order, and close to half the work
+    p = table1.PROFILES["paper-rows"]
+    g = table1.stages(p)
+    d = table1.expected_seconds(g, p)
+    gdeps = {n: tuple(st.deps) for n, st in g.items()}
+    topo = stages.topological(g)
+    best = stages.simulate(d, gdeps, stages.critical_path_order(d, gdeps, topo), 2)
+    assert best < stages.simulate(d, gdeps, topo, 2) and best <= 1.05 * sum(d.values()) / 2
+
+
 def test_tiny_profile_covers_every_row_kind():
     g = table1.stages(table1.PROFILES["tiny"])
     assert any(n.startswith("scratch-InfiMNIST-style") for n in g)  # from scratch

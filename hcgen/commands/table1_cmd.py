@@ -64,7 +64,8 @@ def _duration(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from hcgen.pipeline.report import write_report
     from hcgen.pipeline.stages import run_sequential, stage_times
-    from hcgen.pipeline.table1 import PROFILES, estimate_for_cli, expected_seconds, report_spec, stages
+    from hcgen.pipeline.table1 import (PROFILES, estimate_for_cli, expected_seconds, measured_rates, report_spec,
+                                       stages)
 
     profile = PROFILES[args.profile]
     if args.shards is not None:
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         if args.estimate:
             return 0
 
-    weights = expected_seconds(graph, profile, work=work)  # finished earlier: 0, skipped
+    # finished earlier: 0, skipped; rates of this folder's finished stages where there are any (they order
+    # the Dask queue longest-path-first and weigh the ETA)
+    weights = expected_seconds(graph, profile, {k: r[0] for k, r in measured_rates(work, profile).items()}, work=work)
     order = list(graph)
     finished: list[str] = []
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from hcgen.pipeline.stages import DONE, Stage, folders, run_stage, topological
+from hcgen.pipeline.stages import DONE, Stage, critical_path_order, folders, run_stage, topological
 
 # One core per worker: BLAS, OpenMP and hcgen's own PASS threads (metrics._n_workers) all single.
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HCGEN_THREADS": "1"}
@@ -44,7 +44,8 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
     """Execute `graph` on Dask; returns stage -> output folder, like `stages.run_sequential`.
 
     Stages are submitted as soon as their inputs are finished, at most one per worker thread at a
-    time (so each lands on a worker that is free, in the graph's order), each with the finished input
+    time (so each lands on a worker that is free; among ready stages, the one with the longest path
+    to the end of the graph by `weights` first: `stages.critical_path_order`), each with the finished input
     folders as arguments. Handing Dask the whole graph of futures at once was measured to be slower:
     the scheduler placed a stage next to its inputs' (tiny) results and assigned stages before their
     durations were known, so on 2 workers one worker ran 4 of 6 stages while the other sat idle
@@ -58,7 +59,9 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
     from distributed import Client, as_completed
 
     keys = folders(graph)
-    pending = topological(graph)
+    deps = {name: tuple(stage.deps) for name, stage in graph.items()}
+    # ready stages start longest-path-first (by `weights`; with none, every stage weighs 1)
+    pending = critical_path_order({n: (weights or {}).get(n, 1.0) for n in graph}, deps, topological(graph))
     outputs: dict[str, Path] = {}
     for name in list(pending):  # finished in an earlier run: nothing to schedule
         if (Path(work) / keys[name] / DONE).exists():
