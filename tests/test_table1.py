@@ -426,6 +426,53 @@ def test_claims_are_checked_with_welch_tests():
     assert verdicts["c"] == "does not hold" and verdicts["b"] == "not significant"
 
 
+def test_claims_pair_the_nets_as_the_design_does():
+    """Fine-tuned rows pair by (base net, ordering), a row against Basic LeNet by base net: a consistent
+    per-net improvement that Welch's test cannot see through the spread between base nets holds paired."""
+    from hcgen.pipeline.report import claims, compare, paired_values
+
+    units = [[b, o] for b in (1, 2, 3) for o in (1, 2, 3)]
+    spread = [0.0, 0.01, 0.02, 1.0, 1.01, 1.02, 2.0, 2.01, 2.02]  # base nets differ a lot
+    numbers = {"Basic LeNet": {"mnist": [1.0, 2.0, 3.0], "adversarial": [60.0, 61.0, 62.0],
+                               "units": [[1, None], [2, None], [3, None]]},
+               "FGS": {"mnist": [0.9 + v for v in spread], "adversarial": [30 + v for v in spread], "units": units},
+               "HC-D-9": {"mnist": [0.8 + v for v in spread], "adversarial": [29.9 + v for v in spread],
+                          "units": units},
+               "HC-D-9-1.05": {"mnist": [0.8 + v for v in spread], "adversarial": [29.8 + v for v in spread],
+                               "units": units},
+               "FGV": {"mnist": [0.8 + v for v in spread], "adversarial": [29.95 + v for v in spread],
+                       "units": units}}
+    x, y, test = paired_values(numbers["HC-D-9"], numbers["FGS"], "adversarial")
+    assert len(x) == 9 and test.startswith("paired t over 9 (base net, ordering)")
+    x, y, test = paired_values(numbers["FGS"], numbers["Basic LeNet"], "mnist")
+    assert x == pytest.approx([0.91, 1.91, 2.91]) and y == [1.0, 2.0, 3.0] and "by base net (n = 3)" in test
+    c = compare(numbers, "HC-D-9", "FGS", "adversarial")
+    assert c["verdict"] == "holds" and c["p"] < 1e-6 and "Welch p=" in c["text"]  # Welch alone: far from 0.05
+    checked = {c["id"]: c for c in claims(numbers, {})}
+    assert checked["c"]["verdict"] == "holds" and checked["c"]["test"] == "paired t"
+    assert checked["a"]["verdict"] == "holds" and checked["b"]["verdict"] == "holds"
+    # the same values without units: Welch's test, and the base nets' spread hides the 0.1 point
+    bare = {r: {k: v for k, v in n.items() if k != "units"} for r, n in numbers.items()}
+    assert {c["id"]: c["verdict"] for c in claims(bare, {})}["c"] == "not significant"
+    # the ablation row is reported, not claimed about
+    numbers["HC-D-9-1.05-only"] = {**numbers["HC-D-9-1.05"], "adversarial": [1.0] * 9}
+    assert {c["id"]: c["verdict"] for c in claims(numbers, {})}["b"] == "holds"
+
+
+def test_claims_render_as_a_table_with_the_evidence_below():
+    from hcgen.pipeline.report import claims, claims_markdown
+
+    numbers = {"Basic LeNet": {"mnist": [0.95, 0.93, 0.94], "adversarial": [64.0, 65.0, 63.0]},
+               "FGS": {"mnist": [0.8, 0.79, 0.81], "adversarial": [31.0, 30.0, 32.0]},
+               "HC-D-9-1.05": {"mnist": [0.7, 0.69, 0.71], "adversarial": [15.0, 14.0, 16.0]}}
+    lines = claims_markdown(claims(numbers, {}))
+    assert lines[0] == "| claim | verdict | key numbers (mean error) | test | p |"
+    rows = [line for line in lines if line.startswith("| (")]
+    assert [r.split(" ")[1] for r in rows] == ["(a)", "(b)", "(c)"]
+    assert all("**holds**" in r and "one-sided Welch t" in r for r in rows)
+    assert "### Evidence" in lines and any(line.startswith("- **(a)") for line in lines)
+
+
 def test_estimate_takes_rates_from_other_profiles_runs_beside_it(tiny_run, tmp_path, capsys):
     """A finished tiny run in work/tiny calibrates `--profile quick --estimate` in work/quick."""
     from hcgen.cli import main

@@ -329,6 +329,20 @@ def row_evals(p: Profile) -> dict[str, list[str]]:
     return out
 
 
+def row_units(p: Profile) -> dict[str, Optional[list[tuple[int, Optional[int]]]]]:
+    """Table 1 row -> (base net, ordering) of each of its nets, in `row_evals` order: the design the claims'
+    paired tests follow. Basic LeNet: (base net, None). InfiMNIST-style from scratch: None (its nets descend
+    from no base net, so they pair with nothing)."""
+    out: dict[str, Optional[list[tuple[int, Optional[int]]]]] = {}
+    for row in p.rows:
+        if row == INFIMNIST_ROW and p.infimnist_from_scratch:
+            out[row] = None
+        else:
+            out[row] = [(b, o) for b in range(1, p.base_nets + 1) for o in range(1, p.orderings + 1)]
+    out[BASIC] = [(b, None) for b in range(1, p.base_nets + 1)]
+    return out
+
+
 def bin_tag(lo: float, hi: float) -> str:
     return f"pass{lo:.2f}-{min(hi, 1.0):.2f}"
 
@@ -524,6 +538,7 @@ def report_spec(profile: Profile) -> dict:
     return {
         "profile": p.name,
         "rows": row_evals(p),
+        "units": row_units(p),
         "paper": PAPER,
         "paper_train_images": PAPER_TRAIN_IMAGES,
         "row_stages": {row: [n.replace("eval-", "mix-", 1) for n in evals] for row, evals in row_evals(p).items()
