@@ -9,6 +9,9 @@
 #      and hcgen/__init__.py so that pip's editable install finds the package): the virtualenv and the
 #      Caffe build (~10 minutes on 2 cores) into $HCGEN_CACHE;
 #   3. the whole tree, then bootstrap.sh setup again: seconds (venv current, Caffe cache key unchanged).
+# No torch: the default job (CMD make demo) never imports it, so setup installs hcgen without the torch extra;
+# `make test` installs the test extras (pytest, torch==2.13.0) on demand when it runs (README, "Docker": pass
+# -e PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU-only wheel instead of PyPI's CUDA one).
 # The compilers and -dev packages stay: `make demo` / `make test` check the package list on every run
 # (scripts/apt_install.sh) and would reinstall them, and they let the image rebuild Caffe.
 FROM debian:bookworm

@@ -5,15 +5,24 @@ PYTHON_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hcgen-installed
+TEST_STAMP := $(VENV)/.hcgen-test-installed
 
 .PHONY: setup caffe demo test doctor table1-quick table1-medium table1-full bench clean
 
 setup: caffe
 
-# The virtualenv, with hcgen installed in editable mode; redone only when setup.py changes.
+# The virtualenv, with hcgen installed in editable mode and only what the main job imports (no torch,
+# no pytest); redone only when setup.py changes.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The test suite's extras, installed on demand by `make test` only: pytest and torch (pinned in setup.py).
+# From PyPI the Linux torch wheel brings CUDA libraries (GBs); for the CPU-only wheel, set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README, "Quick start").
+$(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,torch]'
 	touch $@
 
@@ -38,7 +47,7 @@ table1-medium: caffe
 table1-full: caffe
 	$(VENV)/bin/hcgen table1 --profile full --dask
 
-test: caffe
+test: caffe $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
