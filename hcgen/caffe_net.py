@@ -20,11 +20,15 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from hcgen.blas import configure_openblas, describe as describe_blas
+
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep Caffe's INFO logging off stderr
 # One OpenBLAS thread for Caffe (numpy's own OpenBLAS is loaded before this line and unaffected):
 # measured here, LeNet forward is as fast single-threaded, and spinning BLAS threads collapse under
 # load (one worker per core is the right shape). Set OPENBLAS_NUM_THREADS yourself to override.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# A CPU newer than Debian's OpenBLAS gets its generic SSE3 kernels: pick the family the CPU runs (hcgen.blas).
+configure_openblas()
 
 import caffe  # noqa: E402
 from caffe.proto import caffe_pb2  # noqa: E402
@@ -305,6 +309,7 @@ def build_info() -> dict:
         "caffe_native": str(native.resolve()),
         "caffe_version": caffe.__version__,
         "blas": blas,
+        "blas_kernels": describe_blas(),
         "layer_types": len(caffe.layer_type_list()),
         "has_backward_from": hasattr(caffe.Net, "backward_from"),
     }
