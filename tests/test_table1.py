@@ -491,3 +491,30 @@ def test_estimate_takes_rates_from_other_profiles_runs_beside_it(tiny_run, tmp_p
     durations = table1.expected_seconds(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"], rates)
     assert left == pytest.approx(sum(durations.values())) and 0 < wall < left
     assert not (tmp_path / "quick").exists()  # nothing ran, nothing was written
+
+
+def test_compare_runs_recomputes_claims_from_older_table1_json(tmp_path):
+    """docs/table1-medium/table1.json predates `units`: they are inferred from the row sizes, the claims are
+    recomputed with paired tests, and a verdict is settled only where the runs agree."""
+    import importlib.util
+    from pathlib import Path
+
+    from hcgen.pipeline.report import load_numbers
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "table1-medium" / "table1.json"
+    rows, bins = load_numbers(committed)
+    assert rows["Basic LeNet"]["units"] == [[1, None], [2, None], [3, None]]
+    assert rows["FGS"]["units"][:4] == [[1, 1], [1, 2], [1, 3], [2, 1]] and "units" not in rows["InfiMNIST-style"]
+    data = json.loads(committed.read_text())
+    flipped = json.loads(committed.read_text())
+    flipped["rows"]["HC-D-9-1.05"]["adversarial"] = [v - 5.0 for v in data["rows"]["HC-D-9-1.05"]["adversarial"]]
+    other = tmp_path / "table1.json"
+    other.write_text(json.dumps(flipped))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_table1_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_table1_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.compare_runs([committed, other], ["committed", "flipped"])
+    lines = {line.split(" ")[1]: line for line in table.splitlines() if line.startswith("| (")}
+    assert lines["(b)"].endswith("| no |") and "does not hold" in lines["(b)"] and "holds (p=" in lines["(b)"]
+    assert lines["(c)"].endswith("| yes: holds |")

@@ -178,6 +178,27 @@ def claims(numbers: dict[str, dict], bins: dict[str, dict], basic: str = "Basic 
     return out
 
 
+def load_numbers(table1_json: str | Path) -> tuple[dict, dict]:
+    """(rows, bins) of a table1.json, with `units` inferred where an older hcgen did not write them: Basic
+    LeNet's nets are the base nets 1..B, a fine-tuned row of B x O nets lists (base net, ordering) base net
+    by base net, the InfiMNIST-style row (from scratch) and rows of unknown shape get none, the Fig. 6 bins
+    hold base nets 1..n."""
+    data = json.loads(Path(table1_json).read_text())
+    rows, bins = data["rows"], data.get("bins", {})
+    bases = len(rows.get("Basic LeNet", {}).get("mnist", []))
+    for row, n in rows.items():
+        if "units" in n:
+            continue
+        count = len(n["mnist"])
+        if row == "Basic LeNet":
+            n["units"] = [[b, None] for b in range(1, count + 1)]
+        elif row != "InfiMNIST-style" and bases and count % bases == 0:
+            n["units"] = [[b, o] for b in range(1, bases + 1) for o in range(1, count // bases + 1)]
+    for n in bins.values():
+        n.setdefault("units", [[b, None] for b in range(1, len(n["mnist"]) + 1)])
+    return rows, bins
+
+
 def claims_markdown(checked: list[dict], heading: str = "##") -> list[str]:
     """The claims as a table (claim, verdict, key numbers, test, p), the full evidence below it."""
     lines = ["| claim | verdict | key numbers (mean error) | test | p |", "|---|---|---|---|---|"]
