@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,11 +29,14 @@ REASONS = ("misclassified_source", "not_adversarial", "null_direction", "below_t
 @dataclass
 class HardPositiveInfo:
     """Per returned hard positive (rows of ``x_hp``), tensors on the model's device: ``source`` its row in
-    the batch, ``method`` its index in ``HardPositives.methods``, ``scale`` the factor applied to the minimal
-    perturbation, ``eps`` the minimal step (``perturb(x, eta, eps)`` is the adversarial image), ``pass_``
-    its PASS (NaN when PASS was not computed: no tau, no band)."""
+    the batch, ``row`` its row among the searched (correctly classified) sources, i.e. in
+    ``hp.last_search`` and ``hp.last_directions``, ``method`` its index in ``HardPositives.methods``,
+    ``scale`` the factor applied to the minimal perturbation, ``eps`` the minimal step
+    (``hcgen.torch.engine.perturb(x, eta, eps)`` is the minimal adversarial), ``pass_`` its PASS (NaN when
+    PASS was not computed: no tau, no band)."""
 
     source: torch.Tensor
+    row: torch.Tensor
     method: torch.Tensor
     scale: torch.Tensor
     eps: torch.Tensor
@@ -128,8 +131,10 @@ class HardPositives:
         self.pass_jobs = pass_jobs
         self.band_max_scale, self.band_steps = float(band_max_scale), int(band_steps)
         self.last_stats: dict = {}
+        self._checked_shape: Optional[tuple] = None
         self.last_info: Optional[HardPositiveInfo] = None
-        self.last_search: Optional[engine.TensorSearch] = None
+        self.last_search: Optional[engine.TensorSearch] = None  # the search of the last call's sources
+        self.last_directions: Optional[torch.Tensor] = None  # their directions eta (n, D, C, H, W) float64
 
     # -- input checks ---------------------------------------------------------------------------------
 
@@ -182,7 +187,7 @@ class HardPositives:
         xd = canonical(x, torch.float32, dev)
         yd = y.to(dev)
         empty = (x.new_empty((0,) + tuple(x.shape[1:])).to(dev), torch.empty(0, dtype=torch.int64, device=dev))
-        self.last_info, self.last_search = None, None
+        self.last_info, self.last_search, self.last_directions = None, None, None
         if not len(x):
             self.last_stats = stats
             return empty
@@ -190,6 +195,7 @@ class HardPositives:
             t = time.perf_counter()
             h = self.pm.scores(xd).to(F64)
             n_classes = h.shape[1]
+            self._check_layer_width(xd[:1], n_classes)
             if int(yd.min()) < 0 or int(yd.max()) >= n_classes:
                 raise ValueError(f"y must hold class indices in [0, {n_classes - 1}] for the model's {n_classes} "
                                  f"scores, got range [{int(yd.min())}, {int(yd.max())}]")
@@ -212,7 +218,7 @@ class HardPositives:
             res = engine.adversarial_search(self.pm, xs, eta, ys, clean_scores=hs, step0=self.step0,
                                             growth=self.growth)
             times["search"] = time.perf_counter() - t
-        self.last_search = res
+        self.last_search, self.last_directions = res, eta
         stats["searches"] = int(res.status.numel())
         stats["forwards"] += int(res.forwards.sum())
         ok = res.success  # (n, D)
@@ -245,11 +251,22 @@ class HardPositives:
             images, ss, pas, keep = self._band(xs, eta, nn, dd, e, times, stats)
         images, nn, dd, ss, e, pas = (v[keep] for v in (images, nn, dd, ss, e, pas))
         stats["kept"] = len(images)
-        self.last_info = HardPositiveInfo(source=src[nn], method=dd, scale=ss, eps=e, pass_=pas)
+        self.last_info = HardPositiveInfo(source=src[nn], row=nn, method=dd, scale=ss, eps=e, pass_=pas)
         stats["seconds"]["total"] = time.perf_counter() - t0
         self.last_stats = stats
         x_hp = images.to(torch.uint8) if out_dtype == torch.uint8 else images.to(out_dtype)
         return x_hp, ys[nn].clone()
+
+    def _check_layer_width(self, one: torch.Tensor, width: int) -> None:
+        """A named layer must give one value per class, as many as the model's output (once per input shape)."""
+        if not self.pm.layer or self._checked_shape == tuple(one.shape[1:]):
+            return
+        with torch.no_grad():
+            out = self.model(self.pm.preprocess(one))
+        if isinstance(out, torch.Tensor) and out.reshape(1, -1).shape[1] != width:
+            raise ValueError(f"layer {self.pm.layer!r} outputs {width} values per image but the model has "
+                             f"{out.reshape(1, -1).shape[1]} outputs; name the layer of the class scores (logits)")
+        self._checked_shape = tuple(one.shape[1:])
 
     def _pass(self, originals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         from hcgen.metrics import pass_scores
