@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hcgen-installed
 TEST_STAMP := $(VENV)/.hcgen-test-installed
 
-.PHONY: setup caffe demo test doctor table1-quick table1-medium table1-full bench clean
+.PHONY: setup caffe demo test doctor table1-quick table1-medium table1-paper-rows table1-full bench clean
 
 setup: caffe
 
@@ -43,6 +43,9 @@ table1-quick: caffe
 
 table1-medium: caffe
 	$(VENV)/bin/hcgen table1 --profile medium --dask
+
+table1-paper-rows: caffe
+	$(VENV)/bin/hcgen table1 --profile paper-rows --dask
 
 table1-full: caffe
 	$(VENV)/bin/hcgen table1 --profile full --dask

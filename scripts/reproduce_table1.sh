@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce Table 1 and Figs. 2, 4, 5, 6 of Rozsa et al. (CVPRW 2016) on LeNet/MNIST, from raw MNIST.
-#   bash scripts/reproduce_table1.sh medium     # the paper's structure, smaller sizes (about an hour on 2 cores)
-#   bash scripts/reproduce_table1.sh            # quick profile: a smoke test (~22 min on 2 cores)
-#   bash scripts/reproduce_table1.sh full       # the paper's sizes (many hours; add --estimate first)
+#   bash scripts/reproduce_table1.sh medium     # the paper's structure, smaller sizes
+#   bash scripts/reproduce_table1.sh paper-rows # the paper's sizes for 5 rows (+ an ablation), 3 nets per row
+#   bash scripts/reproduce_table1.sh            # quick profile: a smoke test
+#   bash scripts/reproduce_table1.sh full       # the paper's sizes, every row (many hours; add --estimate first)
+# Measured wall times: README, "Reproducing Table 1".
 # Stages run on a local Dask cluster, one single-threaded worker per core (`hcgen table1 --dask`): the
 # same results as one stage at a time (docs/table1-quick/README.md), in about half the time on 2 cores.
 # Extra arguments go to `hcgen table1` (e.g. --estimate, --workers 1, --mnist DIR).

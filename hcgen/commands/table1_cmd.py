@@ -21,9 +21,11 @@ def add_parser(subparsers) -> None:
         "results/table1.md and the figures beside the paper's numbers. Every stage is kept in --work "
         "under a name keyed by its inputs: rerunning skips finished stages, so a run can span restarts. "
         "Profiles: medium (the paper's structure: 3 base nets of 10K iterations x 3 orderings, every row, "
-        "held-out set from all 3 nets; smaller sizes; about an hour on 2 cores with --dask), quick (smoke test: "
-        "1 base net, 1 ordering), full (the paper's sizes; many hours), tiny (seconds; for tests). "
-        "Run --estimate first: it prints the expected time on this machine.",
+        "held-out set from all 3 nets; smaller sizes), paper-rows (the paper's sizes for Basic LeNet, FGS, FGV, "
+        "HC-D-9, HC-D-9-1.05 and an images-only ablation, 3 nets per row), quick (smoke test: 1 base net, "
+        "1 ordering), full (the paper's sizes, every row, 9 nets per row), tiny (seconds; for tests). "
+        "Measured wall times are in README's profiles table; run --estimate first: it prints the expected "
+        "time on this machine.",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="protocol size (default quick)")
     p.add_argument("--work", default="work/table1", help="stage outputs (default work/table1)")

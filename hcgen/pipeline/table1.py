@@ -104,7 +104,7 @@ class Profile:
 PROFILES = {
     "full": Profile("full"),
     # The paper's structure (3 base nets of 10K iterations x 3 orderings, every row, held-out set from
-    # all 3 nets, Fig. 6 over 3 nets), smaller sizes: fits in 90 minutes on 2 cores with --dask.
+    # all 3 nets, Fig. 6 over 3 nets), smaller sizes (measured wall times: README, "Reproducing Table 1").
     # InfiMNIST-style nets train as many iterations as a base net plus its fine-tune (the paper: 30K = 10K + 20K).
     "medium": Profile("medium", base_iterations=10_000, finetune_iterations=2_000, infimnist_iterations=12_000,
                       train_images=3_000, test_images=200, heldout_per_type=450, infimnist_count=100_000,
