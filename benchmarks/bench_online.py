@@ -93,7 +93,7 @@ PROFILES = {
                      offline_sources=60, online_sources=8, checkpoints=4, pgd_digits=200, pgd_iter=10,
                      calib_seconds=1.0, curve_mnist=1000),
     "full": Profile(seeds=(0, 1, 2), budget=45.0, base_iterations=1000, heldout_per_type=150, eps_digits=50,
-                    offline_sources=800, online_sources=8, checkpoints=9, pgd_digits=500, pgd_iter=20,
+                    offline_sources=800, online_sources=4, checkpoints=9, pgd_digits=500, pgd_iter=20,
                     calib_seconds=3.0),
 }
 
