@@ -20,6 +20,7 @@ with, or expect the others to be a few percent off.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from dataclasses import replace
@@ -30,16 +31,37 @@ from hcgen.pipeline.stages import critical_path_order, simulate, topological
 from hcgen.pipeline.table1 import PROFILES, expected_seconds, measured_rates, stage_work, stages
 
 
+def rates_from_times(times: dict[str, float], profile) -> dict[str, tuple[float, float, int]]:
+    """kind -> (seconds per unit, total seconds, stages) from a stage_times.json of a `profile` run."""
+    graph = stages(profile)
+    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for name, secs in times.items():
+        if name not in graph:
+            continue
+        kind, size = stage_work(name, graph[name].params, profile)
+        seconds[kind] += secs
+        units[kind] += size
+        count[kind] += 1
+    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds if units[k] > 0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="work folder of the finished, measured run")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--work", type=Path, help="work folder of the finished, measured run")
+    src.add_argument("--times", type=Path, help="instead of --work: a run's stage_times.json (e.g. "
+                     "docs/table1-medium/stage_times.json), sized with the --measured profile's graph")
     ap.add_argument("--measured", default="quick", choices=sorted(PROFILES), help="profile that ran in --work")
     ap.add_argument("--target", default="full", choices=sorted(PROFILES), help="profile to estimate")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shards", type=int, default=None, help="generation shards of the target (default: its own)")
     args = ap.parse_args()
-    work = args.work / args.measured if (args.work / args.measured).is_dir() else args.work
-    rates = measured_rates(work, PROFILES[args.measured])
+    if args.times:
+        work = args.times
+        rates = rates_from_times(json.loads(args.times.read_text()), PROFILES[args.measured])
+    else:
+        work = args.work / args.measured if (args.work / args.measured).is_dir() else args.work
+        rates = measured_rates(work, PROFILES[args.measured])
     if not rates:
         raise SystemExit(f"no finished stages with recorded times for profile {args.measured} in {work}")
     target = PROFILES[args.target]
