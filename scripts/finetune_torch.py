@@ -15,18 +15,32 @@
     nice -n 19 .venv/bin/python scripts/finetune_torch.py --out results/finetune-torch
 
 Everything lands in --out; rerunning reuses the finished generations (`generate` resumes).
+
+``--online`` replaces steps 2-3 by online hard positives (`hcgen.torch.HardPositives`): at every fine-tune step
+the batch's hard positives (--online-methods, --scales or --pass-band, PASS >= --min-pass) are searched on the
+current weights and trained on beside the batch (at most --hp-per-step of them, a seeded choice). A progress
+bar shows the loss and the hard positives kept; OUT/online.ckpt (model, optimizer, scheduler, iteration,
+counts; written atomically every --checkpoint-every steps) makes a killed run resume where it was when rerun
+with the same options, and the batch order and every choice derive from --seed and the step number, so a run
+is repeatable (one torch thread): the same seed gives the same weights, resumed or not. Results:
+OUT/online.pt and OUT/finetune_torch_online.json.
+
+    nice -n 19 .venv/bin/python scripts/finetune_torch.py --out results/finetune-torch --online
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from hcgen.fileio import atomic_write, atomic_write_json, crash_point
 from hcgen.mnist import load_mnist
 from hcgen.pipeline.generate import GenerateSettings, generate
 from hcgen.torch_data import GeneratedDataset
@@ -66,6 +80,98 @@ def finetune(model: torch.nn.Module, data, iterations: int, seed: int) -> torch.
     return model.eval()
 
 
+def _online_settings(args) -> dict:
+    """What decides an online run's weights: a checkpoint of other settings is refused, not resumed."""
+    keys = ("train_digits", "base_iterations", "finetune_iterations", "online_methods", "scales", "pass_band",
+            "min_pass", "hp_per_step", "batch_size", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def online_finetune(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, args, out: Path) -> dict:
+    """Fine-tune `model` (in place) with online hard positives at every step; resumable from OUT/online.ckpt.
+
+    SGD as `finetune` (Caffe's lenet_solver: momentum 0.9, weight decay 5e-4, lr 0.01 "inv"); each step takes
+    the next --batch-size training digits of a per-epoch permutation seeded by (--seed, epoch), adds the
+    batch's hard positives on the current weights (`HardPositives`; at most --hp-per-step, a choice seeded by
+    (--seed, step)) and trains on both with their original labels. Returns the run's counts."""
+    from tqdm import tqdm
+
+    from hcgen.torch import HardPositives
+
+    ckpt = out / "online.ckpt"
+    settings = _online_settings(args)
+    band = tuple(args.pass_band) if args.pass_band else None
+    scales = None if band else [float(v) for v in args.scales.split(",")]
+    hp = HardPositives(model, methods=args.online_methods, scales=scales, tau=args.min_pass, pass_band=band,
+                       pass_jobs=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 + 1e-4 * it) ** -0.75)
+    counts = {"steps": 0, "batch_images": 0, "hard_positives_trained": 0, "kept": 0, "found": 0, "searches": 0,
+              "candidates": 0, "dropped": {}, "seconds": {}, "wall": 0.0}
+    start = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        if state["settings"] != settings:
+            changed = ", ".join(k for k in settings if state["settings"].get(k) != settings[k])
+            raise SystemExit(f"{ckpt} is an online run with other settings ({changed}); rerun with its options to "
+                             "resume, or use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, counts = int(state["iteration"]), state["counts"]
+        print(f"resuming the online fine-tune at step {start} of {args.finetune_iterations} ({ckpt})")
+    x_all = torch.from_numpy(np.array(images, dtype=np.uint8))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    bs = args.batch_size
+    per_epoch = len(x_all) // bs
+    if per_epoch < 1:
+        raise SystemExit(f"--train-digits {len(x_all)} is smaller than one batch of {bs}")
+    order, order_epoch = None, -1
+    model.train()
+    bar = tqdm(total=args.finetune_iterations, initial=start, unit="it", desc="online fine-tune", disable=None)
+    t_run = time.perf_counter() - counts["wall"]
+    for it in range(start, args.finetune_iterations):
+        epoch, pos = divmod(it, per_epoch)
+        if epoch != order_epoch:
+            order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+            order_epoch = epoch
+        idx = order[pos * bs:(pos + 1) * bs]
+        x, y = x_all[idx], y_all[idx]
+        x_hp, y_hp = hp(x, y)
+        if args.hp_per_step is not None and len(x_hp) > args.hp_per_step:
+            pick = torch.randperm(len(x_hp), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + it + 1))
+            pick = pick[:args.hp_per_step].sort().values
+            x_hp, y_hp = x_hp[pick], y_hp[pick]
+        loss = torch.nn.functional.cross_entropy(model(hp.preprocess(torch.cat([x, x_hp]).float())),
+                                                 torch.cat([y, y_hp]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        s = hp.last_stats
+        counts["steps"] += 1
+        counts["batch_images"] += len(x)
+        counts["hard_positives_trained"] += len(x_hp)
+        for key in ("kept", "found", "searches", "candidates"):
+            counts[key] += s[key]
+        for key, v in s["dropped"].items():
+            counts["dropped"][key] = counts["dropped"].get(key, 0) + v
+        for key, v in s["seconds"].items():
+            counts["seconds"][key] = counts["seconds"].get(key, 0.0) + v
+        counts["wall"] = time.perf_counter() - t_run
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", hp=len(x_hp))
+        if (it + 1) % args.checkpoint_every == 0 or it + 1 == args.finetune_iterations:
+            buf = io.BytesIO()
+            torch.save({"settings": settings, "iteration": it + 1, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "counts": counts}, buf)
+            atomic_write(ckpt, buf.getvalue())
+        crash_point("online-step")
+    bar.close()
+    model.eval()
+    return counts
+
+
 def error(net: TorchNet, images: np.ndarray, labels: np.ndarray) -> float:
     return float((net.predict(images)[0] != labels).mean()) if len(images) else float("nan")
 
@@ -81,7 +187,21 @@ def main() -> None:
     parser.add_argument("--min-pass", type=float, default=None, help="PASS threshold tau of the training records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    online = parser.add_argument_group("online hard positives (--online)")
+    online.add_argument("--online", action="store_true", help="fine-tune with hard positives of every batch on the "
+                        "current weights (hcgen.torch.HardPositives) instead of a generated set")
+    online.add_argument("--online-methods", default="hc-d:1-9", help="methods (default hc-d:1-9)")
+    online.add_argument("--scales", default="1.05", help="hard-positive factors (default 1.05)")
+    online.add_argument("--pass-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="per-image scale so that PASS lands in [LOW, HIGH] (e.g. 0.8 0.9) instead of --scales")
+    online.add_argument("--hp-per-step", type=int, default=64, help="hard positives trained on per step at most "
+                        "(a seeded choice; default 64)")
+    online.add_argument("--batch-size", type=int, default=64, help="training digits per step (default 64)")
+    online.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    online.add_argument("--eval-digits", type=int, default=10_000, help="MNIST test digits evaluated (default all)")
     args = parser.parse_args()
+    if args.online and min(args.hp_per_step, args.batch_size, args.checkpoint_every) < 1:
+        parser.error("--hp-per-step, --batch-size and --checkpoint-every must be positive")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +219,8 @@ def main() -> None:
         base = example.train(example.lenet(), train_x, train_y, args.base_iterations, seed=args.seed)
         torch.save(base.state_dict(), base_file)
     base_net = TorchNet(base.eval())
+    if args.online:
+        test_x, test_y = test_x[:args.eval_digits], test_y[:args.eval_digits]
     print(f"base net: {error(base_net, test_x[:, None], test_y):.2%} MNIST test error")
 
     def run(name: str, **kw) -> Path:
@@ -109,6 +231,9 @@ def main() -> None:
         print(f"{name}: {summary['records']} records from {summary['source_images']} digits")
         return folder
 
+    if args.online:
+        main_online(args, out, example, base, base_net, train_x, train_y, test_x, test_y, run)
+        return
     train_gen = run("train-hc-d-9-1.05", split="train", methods="hc-d:1-9", scales="1.05", limit=args.sources)
     heldout = run("heldout", split="test", methods=HELDOUT, scales="1.05,1.10", limit=args.test_sources)
 
@@ -134,6 +259,31 @@ def main() -> None:
               f"{r['training_images']:>16}")
     (out / "finetune_torch.json").write_text(json.dumps({"settings": vars(args), "heldout_records": len(held),
                                                         "rows": rows}, indent=1) + "\n")
+
+
+def main_online(args, out: Path, example, base, base_net, train_x, train_y, test_x, test_y, run) -> None:
+    """--online: fine-tune from the base weights with online hard positives, evaluate, write the results."""
+    tuned = example.lenet()
+    tuned.load_state_dict(base.state_dict())
+    counts = online_finetune(tuned, train_x, train_y, args, out)
+    torch.save(tuned.state_dict(), out / "online.pt")
+    held_x = held_y = None
+    if args.test_sources > 0:
+        held = GeneratedDataset(run("heldout", split="test", methods=HELDOUT, scales="1.05,1.10", limit=args.test_sources))
+        held_x, held_y = held.images(range(len(held))), held.labels
+    name = f"online {args.online_methods}" + (f" PASS {args.pass_band[0]:g}-{args.pass_band[1]:g}" if args.pass_band
+                                              else f" x{args.scales}")
+    rows = []
+    for row, net in (("Basic LeNet", base_net), (name, TorchNet(tuned))):
+        rows.append({"row": row, "mnist_test_error": error(net, test_x[:, None], test_y),
+                     "adversarial_error": error(net, held_x, held_y) if held_x is not None else None})
+    print(f"{'row':<34} {'MNIST test error':>17} {'adversarial error':>18}")
+    for r in rows:
+        adv = f"{r['adversarial_error']:.2%}" if r["adversarial_error"] is not None else "-"
+        print(f"{r['row']:<34} {r['mnist_test_error']:>17.2%} {adv:>18}")
+    print(f"online fine-tune: {counts['steps']} steps, {counts['hard_positives_trained']} hard positives trained on "
+          f"({counts['kept']} kept of {counts['candidates']} candidates), {counts['wall']:.0f} s")
+    atomic_write_json(out / "finetune_torch_online.json", {"settings": vars(args), "rows": rows, "counts": counts})
 
 
 if __name__ == "__main__":
