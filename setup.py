@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
-        # hcgen.torch_net / torch_data (TorchNet, GeneratedDataset); exactly pinned: the CPU build here
+        # hcgen.backends.torch, hcgen.data.torch_dataset, hcgen.torch (TorchNet, GeneratedDataset, HardPositives); exactly pinned: the CPU build here
         "torch": ["torch==2.13.0"],
         # benchmarks/bench_peers_torch.py only (the peers hcgen is measured against), never for tests
         "bench": ["torch==2.13.0", "adversarial-robustness-toolbox==1.20.*", "foolbox==3.3.*"],

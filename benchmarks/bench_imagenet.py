@@ -9,7 +9,7 @@ Random weights (models/make_imagenet_prototxts.py fillers, seeded), N synthetic 
   directions     seconds for one forward + K B_l (``backward_from``) per image
   search         rounds, forwards per search (the clean forward not counted), seconds per search
                  (directions included), and the search's own forward rate / the raw rate: how much of
-                 the search time is Caffe (the rest is the integer ray bookkeeping of hcgen.search)
+                 the search time is Caffe (the rest is the integer ray bookkeeping of hcgen.core.search)
 
 A random net's margins and gradients are not a trained GoogLeNet's, so forwards per search here need not
 match the real model's; compare it with LeNet's 5.1 (hcgen/search.py docstring) with that in mind.
@@ -31,10 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hcgen import search
-from hcgen.caffe_net import GOOGLENET, CaffeNet, caffe, read_net_parameter
-from hcgen.pipeline.generate import Method, compute_directions
-from hcgen.pipeline.train import caffe_executable
+from hcgen.core import search
+from hcgen.backends.caffe import GOOGLENET, CaffeNet, caffe, read_net_parameter
+from hcgen.core.methods import Method
+from hcgen.generate.run import compute_directions
+from hcgen.training.caffe_train import caffe_executable
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "models" / "googlenet" / "deploy.prototxt"

@@ -18,7 +18,7 @@ weight decay 5e-4, batches of 64 MNIST training digits):
             the issue's eps, dominated by the HC-D directions' large L-inf, is far beyond MNIST's usual 0.3).
 
 eps (grey levels, pixels in [0, 255]) is the median L-inf of the minimal adversarials (scale 1) of FGS, FGV,
-HC-D-1..9 and HC-S-1 that `hcgen.pipeline.generate.generate` finds on the base nets from `eps_digits` MNIST test
+HC-D-1..9 and HC-S-1 that `hcgen.generate.run.generate` finds on the base nets from `eps_digits` MNIST test
 digits each. Every fine-tuned net is evaluated on the 10,000 MNIST test digits, on a held-out adversarial set --
 `heldout_per_type` images of each of Table 1's 14 types (FGS, FGV, HC-D-1..9, HC-D-1 x1.05, HC-D-1 x1.10,
 HC-S-1), drawn evenly from `generate` runs on 3 more LeNets trained independently (seeds 100-102) that no method
@@ -171,7 +171,7 @@ class Batches:
 def heldout_picks(rows_per_net: Sequence[Sequence[dict]], per_type: int, seed: int = 2016) -> list[tuple[int, int]]:
     """(net, record index) of `per_type` records of each of Table 1's 14 held-out types, drawn as evenly as
     integers allow from every net's generation (its metadata rows), as `hcgen table1` draws its held-out set."""
-    from hcgen.pipeline.table1 import HELDOUT_TYPES, heldout_shares
+    from hcgen.experiments.table1.protocol import HELDOUT_TYPES, heldout_shares
 
     rng = np.random.default_rng(seed)
     shares = heldout_shares(per_type, len(rows_per_net))
@@ -427,9 +427,9 @@ def train_net(path: Path, seed: int, iterations: int, train_x, train_y) -> None:
 
 def generation(net_file: Path, out: Path, methods: str, scales: str, limit: int, seed: int) -> list[dict]:
     """`hcgen generate --framework torch` on MNIST test digits (resumed if `out` exists): its metadata rows."""
-    from hcgen.lmdb_io import METADATA_FILE, MetadataTable
-    from hcgen.pipeline.generate import GenerateSettings, generate
-    from hcgen.torch_net import TorchNet
+    from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable
+    from hcgen.generate.run import GenerateSettings, generate
+    from hcgen.backends.torch import TorchNet
 
     settings = GenerateSettings(model=f"{EXAMPLE}:lenet", weights=str(net_file), source=None, split="test",
                                 methods=methods, scales=scales, min_pass=-1.0, limit=limit, seed=seed,
@@ -439,9 +439,9 @@ def generation(net_file: Path, out: Path, methods: str, scales: str, limit: int,
 
 
 def setup(work: Path, profile: Profile, log) -> Context:
-    from hcgen.lmdb_io import read_lmdb
-    from hcgen.mnist import load_mnist
-    from hcgen.pipeline.table1 import HELDOUT_METHODS, heldout_shares
+    from hcgen.data.lmdb_io import read_lmdb
+    from hcgen.data.mnist import load_mnist
+    from hcgen.experiments.table1.protocol import HELDOUT_METHODS, heldout_shares
 
     tx, ty = load_mnist(None, "train")
     vx, vy = load_mnist(None, "test")

@@ -1,9 +1,9 @@
-"""Caffe's LeNet with OpenBLAS's own kernel choice against the one hcgen.blas picks, in the same run.
+"""Caffe's LeNet with OpenBLAS's own kernel choice against the one hcgen.backends.blas picks, in the same run.
 
     .venv/bin/python benchmarks/bench_openblas.py [--rounds 3] [--iterations 50]
 
 Runs `caffe time` (forward + backward of the deploy LeNet, batch 64, one BLAS thread) alternately with
-OPENBLAS_CORETYPE unset (the library's own detection) and set as `hcgen.blas.configure_openblas` sets it,
+OPENBLAS_CORETYPE unset (the library's own detection) and set as `hcgen.backends.blas.configure_openblas` sets it,
 and prints the medians and their ratio. On a CPU the library knows, both are the same kernels (ratio ~1).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.blas import best_coretype, cpu_flags, probe_corename  # noqa: E402
+from hcgen.backends.blas import best_coretype, cpu_flags, probe_corename  # noqa: E402
 
 DEPLOY = Path(__file__).resolve().parents[1] / "models" / "lenet" / "lenet_deploy.prototxt"
 

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from hcgen.metrics import ECC_CRITERIA, pass_scores
+from hcgen.core.metrics import ECC_CRITERIA, pass_scores
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -4,7 +4,7 @@ Same model (examples/torch_lenet.py, trained here with Caffe's LeNet solver sett
 same MNIST test digits (the first --limit, of which the correctly classified ones are attacked), one
 torch thread for every tool:
 
-* hcgen: `TorchNet` + `hcgen.search.adversarial_search` along FGS / FGV (Eq. 6) directions: the minimal
+* hcgen: `TorchNet` + `hcgen.core.search.adversarial_search` along FGS / FGV (Eq. 6) directions: the minimal
   adversarial *integer* image on the ray.
 * ART 1.20 ``FastGradientMethod(minimal=True)``, its only minimal mode: a linear scan in ``eps_step``.
   FGS: ``norm=inf, eps_step=1`` grey level, ``eps=255``. FGV is ART's ``norm=2``, whose steps are L2 lengths;
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hcgen import directions, search
-from hcgen.mnist import load_mnist
-from hcgen.torch_net import TorchNet
+from hcgen.core import directions, search
+from hcgen.data.mnist import load_mnist
+from hcgen.backends.torch import TorchNet
 
 REPO = Path(__file__).resolve().parents[1]
 

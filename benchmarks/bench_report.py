@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/bench_report.py [--records 100000] [--work DIR] [--per-method 12]
 
-Builds a synthetic `hcgen generate` output with hcgen.lmdb_io's DatumWriter (no Caffe, no search): MNIST
+Builds a synthetic `hcgen generate` output with hcgen.data.lmdb_io's DatumWriter (no Caffe, no search): MNIST
 test digits, 20 methods (FGS, FGV, HC-D-1..9, HC-S-1..9) x 3 scales (x1, x1.05, x1.10), as `hcgen demo`
 writes them, each record the digit plus a random sparse perturbation (its hard positives scaled copies)
 with metadata rows of the real columns (L2, L∞ computed; PASS a stand-in decreasing with L∞), a few
-failures of each kind, and a generate.json. Then it times `hcgen.gallery.write_generation_report`
-(fastest of --repeat) against `hcgen.pipeline.generate.summarize` (the pass over the metadata that
+failures of each kind, and a generate.json. Then it times `hcgen.report.gallery.write_generation_report`
+(fastest of --repeat) against `hcgen.data.genfolder.summarize` (the pass over the metadata that
 every `hcgen generate` ends with) and prints seconds, the page's size and the ratio.
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.lmdb_io import DatumWriter  # noqa: E402
-from hcgen.pipeline.generate import COLUMNS, FAILURE_COLUMNS, PAPER_METHODS, parse_methods  # noqa: E402
+from hcgen.data.lmdb_io import DatumWriter  # noqa: E402
+from hcgen.data.genfolder import COLUMNS, FAILURE_COLUMNS  # noqa: E402
+from hcgen.core.methods import PAPER_METHODS, parse_methods  # noqa: E402
 
 SCALES = (1.0, 1.05, 1.10)
 
@@ -33,7 +34,7 @@ def synthetic_generation(out: Path, records: int, mnist: str | None = None, seed
                          methods: str = PAPER_METHODS, scales=SCALES, batch: int = 64) -> dict:
     """Write a synthetic generation of about `records` records into `out` (see the module docstring);
     returns its generate.json settings. Sources are MNIST test digits (`mnist`: their folder)."""
-    from hcgen.mnist import find_mnist_dir, load_mnist
+    from hcgen.data.mnist import find_mnist_dir, load_mnist
 
     source = str(mnist or find_mnist_dir())
     images, labels = load_mnist(source, "test")
@@ -85,8 +86,8 @@ def synthetic_generation(out: Path, records: int, mnist: str | None = None, seed
 
 
 def main() -> None:
-    from hcgen.gallery import write_generation_report
-    from hcgen.pipeline.generate import summarize
+    from hcgen.report.gallery import write_generation_report
+    from hcgen.data.genfolder import summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)

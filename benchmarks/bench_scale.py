@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hcgen.pipeline.scale import run_dask
-from hcgen.pipeline.table1 import (MODELS, PROFILES, Stage, _finetune, caffemodel, run_sequential, stage_times,
+from hcgen.stages.dask_runner import run_dask
+from hcgen.experiments.table1.protocol import (MODELS, PROFILES, Stage, _finetune, caffemodel, run_sequential, stage_times,
                                    stages)
 
 
@@ -37,8 +37,8 @@ def graph(base: Path, mnist: Path, images: int, finetunes: int, iterations: int)
 
 
 def _gen_shard(out: Path, base: Path, mnist: Path, images: int, k: int) -> None:
-    from hcgen.caffe_net import CaffeNet
-    from hcgen.pipeline.generate import GenerateSettings, generate
+    from hcgen.backends.caffe import CaffeNet
+    from hcgen.generate.run import GenerateSettings, generate
 
     deploy = MODELS / "lenet_deploy.prototxt"
     weights = caffemodel(base)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hcgen import directions, search
-from hcgen.caffe_net import CaffeNet
-from hcgen.mnist import load_mnist
-from hcgen.pipeline.table1 import MODELS, caffemodel
+from hcgen.core import directions, search
+from hcgen.backends.caffe import CaffeNet
+from hcgen.data.mnist import load_mnist
+from hcgen.experiments.table1.protocol import MODELS, caffemodel
 
 DEPLOY = MODELS / "lenet_deploy.prototxt"
 
 
 def trained_lenet(out: Path) -> Path:
-    from hcgen.mnist import convert_mnist
-    from hcgen.pipeline.train import train
+    from hcgen.data.mnist import convert_mnist
+    from hcgen.training.caffe_train import train
 
     convert_mnist(out / "mnist")
     train(MODELS / "lenet_solver.prototxt", out / "lenet", seed=1, iterations=3000,

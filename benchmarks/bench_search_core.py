@@ -1,9 +1,9 @@
-"""Forwards per search and throughput of hcgen.search vs plain doubling + bisection, without Caffe.
+"""Forwards per search and throughput of hcgen.core.search vs plain doubling + bisection, without Caffe.
 
 The oracle is a numpy MLP 784-1024-1024-10 (ReLU, ~1.8 M multiply-adds per image, about LeNet's 2.3 M)
 trained for one epoch on 10,000 MNIST digits in this process; its input is x / 256 as in Caffe's LeNet.
 Directions: FGS, FGV, HC-D-1, HC-D-3, HC-S-1 on the first --images test digits. Both searches are exact
-at integer precision (same breakpoint arithmetic, hcgen.search._Rays). hcgen's results are rechecked
+at integer precision (same breakpoint arithmetic, hcgen.core.search._Rays). hcgen's results are rechecked
 (adversarial, and the previous distinct integer image on the ray is not); the baseline's must agree in
 status, and in eps wherever the ray crosses the boundary once.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen import directions
-from hcgen.search import Status, _Rays, _margin, adversarial_search, perturb
+from hcgen.core import directions
+from hcgen.core.search import Status, _Rays, _margin, adversarial_search, perturb
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -34,9 +34,10 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hcgen import mnist  # noqa: E402
-from hcgen.pipeline import stages, table1  # noqa: E402
-from hcgen.pipeline.train import caffe_executable, train  # noqa: E402
+from hcgen.data import mnist  # noqa: E402
+from hcgen.experiments.table1 import protocol as table1
+from hcgen.stages import graph as stages  # noqa: E402
+from hcgen.training.caffe_train import caffe_executable, train  # noqa: E402
 
 _STAMP = re.compile(r"^I(\d{8} \d\d:\d\d:\d\d\.\d+) .*\] Iteration (\d+), loss = ", re.M)
 
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--mnist", default=None)
     args = ap.parse_args()
-    from hcgen.pipeline.scale import run_dask
+    from hcgen.stages.dask_runner import run_dask
 
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in
                                                      ("caffe (stock)", "caffe (no tests)", "stage", "caffe x2", "stage x2")}

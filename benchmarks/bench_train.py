@@ -1,6 +1,6 @@
 """`hcgen train` against bare `caffe train`: the same LeNet solver, iterations and LMDBs, in one run.
 
-Each round runs, one after the other: `hcgen.pipeline.train.train` (which renders solver.prototxt /
+Each round runs, one after the other: `hcgen.training.caffe_train.train` (which renders solver.prototxt /
 net.prototxt and runs `caffe train` with OPENBLAS_NUM_THREADS=1), bare `caffe train` on that same
 solver with OPENBLAS_NUM_THREADS=1 and its log redirected to a file, and bare `caffe train` with
 OpenBLAS's default threads. Two rates per run:
@@ -23,8 +23,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from hcgen import mnist
-from hcgen.pipeline.train import caffe_executable, train
+from hcgen.data import mnist
+from hcgen.training.caffe_train import caffe_executable, train
 
 REPO = Path(__file__).resolve().parents[1]
 SOLVER = REPO / "models" / "lenet" / "lenet_solver.prototxt"

@@ -1,7 +1,7 @@
 """Caffe's LeNet (models/lenet/lenet_deploy.prototxt) as a torch.nn.Module, for `hcgen generate --framework torch`.
 
 The modules carry the Caffe layer names (conv1, pool1, conv2, pool2, ip1, relu1, ip2), so a trained
-caffemodel's parameters load by name (`hcgen.torch_net.state_dict_from_caffe`) and ``--layer ip1`` names
+caffemodel's parameters load by name (`hcgen.backends.torch.state_dict_from_caffe`) and ``--layer ip1`` names
 the same layer in both frameworks. The output is ip2, the logits (Caffe's final Softmax "prob" is left
 out: the scores are h before the softmax). Input: LeNet's ``pixels / 256``, as `TorchNet`'s default
 preprocessing feeds it.
@@ -85,20 +85,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    from hcgen.torch_net import state_dict_from_caffe
+    from hcgen.backends.torch import state_dict_from_caffe
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = lenet()
     if args.caffemodel:
-        from hcgen.caffe_net import CaffeNet
+        from hcgen.backends.caffe import CaffeNet
         from pathlib import Path
 
         deploy = Path(__file__).resolve().parents[1] / "models" / "lenet" / "lenet_deploy.prototxt"
         net = CaffeNet(deploy, args.caffemodel).net
         model.load_state_dict(state_dict_from_caffe({n: [b.data for b in net.params[n]] for n in net.params}))
     else:
-        from hcgen.mnist import load_mnist
+        from hcgen.data.mnist import load_mnist
 
         images, labels = load_mnist(args.mnist, "train")
         train(model, images[:, None], labels, args.iterations, seed=args.seed,

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import sys
 
 from hcgen import __version__
 from hcgen.commands import (data_cmd, demo_cmd, doctor, export_cmd, generate_cmd, pass_cmd, report_cmd, table1_cmd,
                             train_cmd)
+from hcgen.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types a user's input or environment can cause (bad files, options, disks, locks)."""
-    errors: list[type[BaseException]] = [ValueError, OSError, KeyError, RuntimeError, EOFError]
-    for module, name in (("lmdb", "Error"), ("cv2", "error"), ("google.protobuf.message", "Error"),
-                         ("csv", "Error")):
+    """What a user's input or environment causes: `hcgen.errors.UserError`, an OSError of the system (a
+    missing file, a full disk, no permission), and the errors of damaged or foreign files raised by the
+    readers hcgen uses (LMDB, OpenCV, protobuf, CSV, JSON). Any other exception is a bug in hcgen."""
+    errors: list[type[BaseException]] = [UserError, OSError, json.JSONDecodeError, csv.Error]
+    for module, name in (("lmdb", "Error"), ("cv2", "error"), ("google.protobuf.message", "Error")):
         if module in sys.modules:  # an error of a module never imported was never raised
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

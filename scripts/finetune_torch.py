@@ -3,10 +3,10 @@
 1. A base LeNet (examples/torch_lenet.py) trained with Caffe's LeNet solver settings on the first
    --train-digits MNIST training digits for --base-iterations.
 2. HC-D-1..9 hard positives x1.05 (the row's training images) from --sources training digits on the base net,
-   with `hcgen.pipeline.generate.generate` on a `TorchNet` (the LMDB + metadata.csv `hcgen generate` writes);
+   with `hcgen.generate.run.generate` on a `TorchNet` (the LMDB + metadata.csv `hcgen generate` writes);
    PASS >= --min-pass if given.
 3. Fine-tuning from the base weights on the training digits plus those records, read through
-   `hcgen.torch_data.GeneratedDataset` by a shuffled DataLoader, learning rate restarting at 0.01 as Table 1's
+   `hcgen.data.torch_dataset.GeneratedDataset` by a shuffled DataLoader, learning rate restarting at 0.01 as Table 1's
    stock solver does, for --finetune-iterations.
 4. Both nets evaluated on the 10,000 MNIST test digits and on a held-out adversarial set generated on the
    base net from --test-sources MNIST *test* digits (fgs, fgv, hc-d:1-9, hc-s:1; x1, x1.05, x1.10), the
@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from hcgen.fileio import atomic_write, atomic_write_json, crash_point
-from hcgen.mnist import load_mnist
-from hcgen.pipeline.generate import GenerateSettings, generate
-from hcgen.torch_data import GeneratedDataset
-from hcgen.torch_net import TorchNet
+from hcgen.backends.torch import TorchNet
+from hcgen.data.mnist import load_mnist
+from hcgen.data.torch_dataset import GeneratedDataset
+from hcgen.generate.run import GenerateSettings, generate
+from hcgen.util.fileio import atomic_write, atomic_write_json, crash_point
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "torch_lenet.py"

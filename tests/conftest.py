@@ -35,7 +35,7 @@ def trained_lenet(tmp_path_factory) -> Path:
     import subprocess
 
     from hcgen.commands.doctor import caffe_executable
-    from hcgen.lmdb_io import write_datums
+    from hcgen.data.lmdb_io import write_datums
 
     root = tmp_path_factory.mktemp("lenet")
     images = _read_idx(SHARED_MNIST / "train-images-idx3-ubyte.gz")[:6400, None]

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("bench_online", REPO / "benchmarks" / "bench_online.py")
 bench = importlib.util.module_from_spec(spec)
@@ -78,7 +78,7 @@ def test_heldout_set_has_14_types_evenly_from_3_nets():
     nets = [_rows(n, 20) for n in range(3)]
     picks = bench.heldout_picks(nets, per_type=10)
     types = Counter((nets[n][i]["method"], float(nets[n][i]["scale"])) for n, i in picks)
-    from hcgen.pipeline.table1 import HELDOUT_TYPES
+    from hcgen.experiments.table1.protocol import HELDOUT_TYPES
 
     assert set(types) == set(HELDOUT_TYPES) and len(types) == 14
     assert all(v == 10 for v in types.values())

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 SCRIPT = REPO / "scripts" / "finetune_torch.py"
 ARGS = ["--train-digits", "320", "--base-iterations", "20", "--finetune-iterations", "6", "--online",

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 BLOCKED = textwrap.dedent("""
     import sys
@@ -15,8 +15,8 @@ BLOCKED = textwrap.dedent("""
     build_parser()
     from hcgen.commands import demo_cmd, doctor, generate_cmd, report_cmd, table1_cmd, train_cmd, export_cmd
     # everything demo_cmd.run and doctor import when they run
-    import hcgen.caffe_net, hcgen.gallery, hcgen.mnist, hcgen.pipeline.generate, hcgen.pipeline.table1
-    import hcgen.pipeline.train, hcgen.pipeline.report, hcgen.validate
+    import hcgen.backends.caffe, hcgen.report.gallery, hcgen.data.mnist, hcgen.generate.run, hcgen.experiments.table1.protocol
+    import hcgen.training.caffe_train, hcgen.experiments.table1.results, hcgen.backends.caffe_checks
     print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision") and sys.modules[m]))
 """)
 

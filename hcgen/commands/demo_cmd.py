@@ -28,17 +28,18 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.caffe_net import CaffeNet
+    from hcgen.backends.caffe import CaffeNet
     from hcgen.commands.generate_cmd import print_summary
-    from hcgen.gallery import write_generation_report
-    from hcgen.mnist import convert_mnist
-    from hcgen.pipeline.generate import PAPER_METHODS, GenerateSettings, generate
-    from hcgen.pipeline.table1 import MODELS, caffemodel
-    from hcgen.pipeline.train import train
+    from hcgen.report.gallery import write_generation_report
+    from hcgen.data.mnist import convert_mnist
+    from hcgen.core.methods import PAPER_METHODS
+    from hcgen.generate.run import GenerateSettings, generate
+    from hcgen.experiments.table1.protocol import MODELS, caffemodel
+    from hcgen.training.caffe_train import train
 
     out = Path(args.out)
     if args.weights is not None:  # a bad caffemodel would abort Caffe (and this process) at step 3
-        from hcgen.validate import check_deploy
+        from hcgen.backends.caffe_checks import check_deploy
 
         check_deploy(MODELS / "lenet_deploy.prototxt", args.weights)
     print(f"[1/3] MNIST -> {out / 'mnist'}")

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from hcgen.pipeline.train import caffe_executable
+from hcgen.training.caffe_train import caffe_executable
 
 FIX = "run `bash scripts/bootstrap.sh setup` (or `make caffe`) in the hcgen checkout"
 
@@ -60,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             ok = _line(False, module, f"{exc}; {FIX}")
     try:
-        from hcgen import caffe_net
+        from hcgen.backends import caffe_checks
     except ImportError as exc:
         _line(False, "pycaffe", f"cannot import caffe ({exc}); {FIX}")
         return 1
-    info = caffe_net.build_info()
+    info = caffe_checks.build_info()
     info["blas"] = caffe_blas(info["caffe_native"])
     for key, value in info.items():
         _line(True, key, str(value))
@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
         ok = _line(False, "backward_from", f"this pycaffe lacks Net.backward_from (unpatched Caffe); {FIX}")
     with tempfile.TemporaryDirectory() as tmp:
         if info["has_backward_from"]:
-            err = caffe_net.check_backward_from(tmp)
+            err = caffe_checks.check_backward_from(tmp)
             ok &= _line(err < 1e-2, "backward_from", f"max relative error vs central differences {err:.2e}")
         try:
-            n = caffe_net.check_lmdb_data_layer(tmp)
+            n = caffe_checks.check_lmdb_data_layer(tmp)
             _line(True, "lmdb", f"Caffe's Data layer read {n} records written from Python")
         except Exception as exc:  # noqa: BLE001 - any Caffe failure here is a broken build
             ok = _line(False, "lmdb", f"{exc}; Caffe must be built with USE_LMDB; {FIX}")

@@ -5,7 +5,9 @@ import argparse
 
 from tqdm import tqdm
 
-from hcgen.pipeline.generate import PAPER_METHODS, GenerateSettings
+from hcgen.core.methods import PAPER_METHODS
+from hcgen.errors import BadInput
+from hcgen.generate.run import GenerateSettings
 
 
 def add_parser(subparsers) -> None:
@@ -67,7 +69,7 @@ def add_merge_parser(subparsers) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from hcgen.pipeline.generate import merge_shards
+    from hcgen.generate.shards import merge_shards
 
     count = merge_shards(args.shards, args.out)
     print(f"merged {len(args.shards)} shards: {count} records in {args.out}")
@@ -87,30 +89,31 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.locks import folder_lock
+    from hcgen.util.locks import folder_lock
 
     with folder_lock(args.out):  # a second run on --out exits 2 at once, before anything is loaded
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hcgen.pipeline.generate import generate
+    from hcgen.generate.run import generate
 
-    from hcgen.pipeline.generate import parse_methods, parse_scales, parse_shard
+    from hcgen.core.methods import parse_methods, parse_scales
+    from hcgen.generate.shards import parse_shard
 
     parse_methods(args.methods), parse_scales(args.scales), parse_shard(args.shard)  # option errors first
     if args.framework == "torch":
-        from hcgen.torch_net import open_torch_net
+        from hcgen.backends.torch import open_torch_net
 
         net = open_torch_net(args.model, args.weights, args.preprocess, args.layer, args.device)
     else:
-        from hcgen.caffe_net import CaffeNet, preprocessing_preset
-        from hcgen.validate import check_deploy
+        from hcgen.backends.caffe import CaffeNet, preprocessing_preset
+        from hcgen.backends.caffe_checks import check_deploy
 
         if args.weights is None:
-            raise ValueError("--weights (the trained caffemodel) is required with --framework caffe")
+            raise BadInput("--weights (the trained caffemodel) is required with --framework caffe")
         if args.device != "cpu" or args.preprocess == "torchvision":
-            raise ValueError(f"--{'device cuda' if args.device != 'cpu' else 'preprocess torchvision'} needs "
+            raise BadInput(f"--{'device cuda' if args.device != 'cpu' else 'preprocess torchvision'} needs "
                              "--framework torch (hcgen's Caffe is a CPU build)")
         check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
         net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess),

@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from hcgen import metrics
-from hcgen.fileio import atomic_write
+from hcgen.core import metrics
+from hcgen.errors import BadInput, NotFound
+from hcgen.util.fileio import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 COLUMNS = ("name", "pass", "ssim", "l2", "l2_per_pixel", "linf", "aligned")
@@ -45,30 +46,30 @@ def run(args: argparse.Namespace) -> int:
     a, b = Path(args.original), Path(args.candidate)
     for path in (a, b):
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise NotFound(f"{path} does not exist")
     if a.is_file() and b.is_file():
         return _single(a, b, args)
     if a.is_dir() and b.is_dir():
         return _batch(a, b, args)
-    raise ValueError(f"{a} and {b} must both be image files, or both directories (of images, or LMDBs)")
+    raise BadInput(f"{a} and {b} must both be image files, or both directories (of images, or LMDBs)")
 
 
 def read_image(path: Path, grey: bool = False) -> np.ndarray:
     """An 8-bit image as OpenCV reads it: (H, W) grey or (H, W, 3) BGR."""
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise ValueError(f"{path}: OpenCV cannot read this file as an image (PNG, JPEG, BMP, ...)")
+        raise BadInput(f"{path}: OpenCV cannot read this file as an image (PNG, JPEG, BMP, ...)")
     if img.dtype != np.uint8:
-        raise ValueError(f"{path}: {img.dtype} pixels; hcgen pass compares 8-bit images (values in [0, 255])")
+        raise BadInput(f"{path}: {img.dtype} pixels; hcgen pass compares 8-bit images (values in [0, 255])")
     if img.ndim == 3 and img.shape[2] == 4:
-        raise ValueError(f"{path} has an alpha channel; save it without one, or pass --grey")
+        raise BadInput(f"{path} has an alpha channel; save it without one, or pass --grey")
     return img
 
 
 def _single(a: Path, b: Path, args: argparse.Namespace) -> int:
     x, y = read_image(a, args.grey), read_image(b, args.grey)
     if x.shape != y.shape:
-        raise ValueError(f"{a} is {_shape(x)} but {b} is {_shape(y)}; PASS compares images of the same size"
+        raise BadInput(f"{a} is {_shape(x)} but {b} is {_shape(y)}; PASS compares images of the same size"
                          + ("" if x.shape[:2] != y.shape[:2] else " (pass --grey to compare them as grey)"))
     r = {k: v[0].item() for k, v in metrics.pass_report(x[None], y[None], n_jobs=1).items()}
     if args.json:
@@ -86,10 +87,10 @@ def _single(a: Path, b: Path, args: argparse.Namespace) -> int:
 
 def _batch(a: Path, b: Path, args: argparse.Namespace) -> int:
     if args.json and args.csv == "-":
-        raise ValueError("--json in batch mode prints a summary; send the CSV to a file with --csv FILE")
+        raise BadInput("--json in batch mode prints a summary; send the CSV to a file with --csv FILE")
     lmdb_a, lmdb_b = (a / "data.mdb").is_file(), (b / "data.mdb").is_file()
     if lmdb_a != lmdb_b:
-        raise ValueError(f"{a} and {b} must both be LMDBs or both directories of images")
+        raise BadInput(f"{a} and {b} must both be LMDBs or both directories of images")
     names, xs, ys, unmatched = (_pair_lmdbs if lmdb_a else _pair_dirs)(a, b, args.grey)
     if unmatched:
         print(f"note: {unmatched} entries have no counterpart in the other {'LMDB' if lmdb_a else 'directory'}"
@@ -119,7 +120,7 @@ def _pair_dirs(a: Path, b: Path, grey: bool):
     fa, fb = _image_names(a), _image_names(b)
     names = sorted(fa & fb)
     if not names:
-        raise ValueError(f"no image file names in common between {a} and {b}; pairs are matched by file name")
+        raise BadInput(f"no image file names in common between {a} and {b}; pairs are matched by file name")
     xs, ys = [], []
     for name in tqdm(names, desc="reading", unit="pair", disable=None):
         xs.append(read_image(a / name, grey))
@@ -132,13 +133,13 @@ def _image_names(folder: Path) -> set[str]:
 
 
 def _pair_lmdbs(a: Path, b: Path, grey: bool):
-    from hcgen.lmdb_io import read_lmdb
+    from hcgen.data.lmdb_io import read_lmdb
 
     (ka, xa, _), (kb, xb, _) = read_lmdb(a), read_lmdb(b)
     ib = {k: i for i, k in enumerate(kb)}
     names = [k for k in ka if k in ib]
     if not names:
-        raise ValueError(f"no keys in common between the LMDBs {a} and {b}; pairs are matched by key")
+        raise BadInput(f"no keys in common between the LMDBs {a} and {b}; pairs are matched by key")
     ia = {k: i for i, k in enumerate(ka)}
     xs = [xa[ia[k]].transpose(1, 2, 0) for k in names]  # Caffe (C, H, W) -> (H, W, C)
     ys = [xb[ib[k]].transpose(1, 2, 0) for k in names]
@@ -157,7 +158,7 @@ def _score(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], jobs: i
     groups: dict[tuple, list[int]] = {}
     for i, (name, x, y) in enumerate(zip(names, xs, ys)):
         if x.shape != y.shape:
-            raise ValueError(f"{name}: original is {_shape(x)} but candidate is {_shape(y)}; "
+            raise BadInput(f"{name}: original is {_shape(x)} but candidate is {_shape(y)}; "
                              "PASS compares images of the same size")
         groups.setdefault(x.shape, []).append(i)
     with tqdm(total=len(names), desc="scoring", unit="pair", disable=None) as bar:
@@ -167,7 +168,7 @@ def _score(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], jobs: i
                 try:
                     rep = metrics.pass_report(np.stack([xs[i] for i in block]), np.stack([ys[i] for i in block]), jobs)
                 except ValueError as exc:
-                    raise ValueError(f"pairs {names[block[0]]} .. {names[block[-1]]}: {exc}") from exc
+                    raise BadInput(f"pairs {names[block[0]]} .. {names[block[-1]]}: {exc}") from exc
                 for j, i in enumerate(block):
                     results[i] = {k: v[j].item() for k, v in rep.items()}
                 bar.update(len(block))

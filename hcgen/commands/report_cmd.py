@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hcgen.data import genfolder
+from hcgen.errors import BadInput
+from hcgen.report.gallery import write_generation_report
+from hcgen.report.table1_page import write_table1_report
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,19 +36,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen import gallery
-
     path = Path(args.path)
     out = Path(args.out) if args.out else path / "report.html"
-    is_generation = (path / "generate.json").exists() or (path / "lmdb" / "generate.json").exists()
+    is_generation = genfolder.is_generation(path) or genfolder.is_generation(path / "lmdb")
     if is_generation:
         if args.results:
-            raise ValueError("--results is for Table 1 work folders; PATH is a generation output")
-        written = [gallery.write_generation_report(path, out, args.per_method, args.seed, args.source)]
+            raise BadInput("--results is for Table 1 work folders; PATH is a generation output")
+        written = [write_generation_report(path, out, args.per_method, args.seed, args.source)]
     else:
         if args.source:
-            raise ValueError("--source is for generation outputs; PATH is not one (no generate.json)")
-        written = gallery.write_table1_report(path, out, args.results, args.per_method, args.seed)
+            raise BadInput(f"--source is for generation outputs; PATH is not one (no {genfolder.SETTINGS_FILE})")
+        written = write_table1_report(path, out, args.results, args.per_method, args.seed)
     for w in written[1:]:
         print(f"gallery: {w.path} ({w.records} records, {w.images} images, {w.bytes / 1e6:.1f} MB, {w.seconds:.1f} s)")
     page = written[0]

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from hcgen.errors import BadInput
+from hcgen.util.text import duration
 
 
 def add_parser(subparsers) -> None:
-    from hcgen.pipeline.table1 import PROFILES
+    from hcgen.experiments.table1.protocol import PROFILES
 
     p = subparsers.add_parser(
         "table1",
@@ -47,9 +50,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_locked(args: argparse.Namespace) -> int:
-    """`run`, holding the work folder's lock (hcgen.locks): a second run on it exits 2 at once."""
-    from hcgen.locks import folder_lock
-    from hcgen.pipeline.table1 import PROFILES
+    """`run`, holding the work folder's lock (hcgen.util.locks): a second run on it exits 2 at once."""
+    from hcgen.util.locks import folder_lock
+    from hcgen.experiments.table1.protocol import PROFILES
 
     if args.estimate:  # reads the work folder only
         return run(args)
@@ -57,22 +60,16 @@ def run_locked(args: argparse.Namespace) -> int:
         return run(args)
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 def run(args: argparse.Namespace) -> int:
-    from hcgen.pipeline.report import write_report
-    from hcgen.pipeline.stages import run_sequential, stage_times
-    from hcgen.pipeline.table1 import (PROFILES, estimate_for_cli, expected_seconds, measured_rates, report_spec,
-                                       stages)
+    from hcgen.experiments.table1.protocol import (PROFILES, estimate_for_cli, expected_seconds, measured_rates,
+                                                   report_spec, stages)
+    from hcgen.experiments.table1.results import write_report
+    from hcgen.stages.graph import run_sequential, stage_times
 
     profile = PROFILES[args.profile]
     if args.shards is not None:
         if args.shards < 1:
-            raise ValueError(f"--shards must be a positive integer, got {args.shards}")
+            raise BadInput(f"--shards must be a positive integer, got {args.shards}")
         profile = replace(profile, generation_shards=args.shards)
     work = Path(args.work).absolute() / profile.name  # Dask workers may start in another folder
     results = Path(args.results or f"results/table1-{profile.name}")
@@ -80,14 +77,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     workers = 1 if not (args.dask or args.scheduler) else (args.workers or os.cpu_count() or 1)
     if args.estimate and args.scheduler:
-        raise ValueError("--estimate works for this machine only (a cluster's size and speed are unknown here)")
+        raise BadInput("--estimate works for this machine only (a cluster's size and speed are unknown here)")
     if not args.scheduler:  # a remote cluster's size and speed are unknown here
         left, wall, source = estimate_for_cli(graph, profile, work, workers)
         if left == 0 and args.estimate:
             print(f"every stage of the {profile.name} profile in {work} is finished")
         elif left > 0:
-            print(f"expected: ~{_duration(wall)} with {workers} worker{'s' * (workers > 1)} "
-                  f"({_duration(left)} of stage work left; {source})", flush=True)
+            print(f"expected: ~{duration(wall, 0)} with {workers} worker{'s' * (workers > 1)} "
+                  f"({duration(left, 0)} of stage work left; {source})", flush=True)
         if args.estimate:
             return 0
 
@@ -102,14 +99,14 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.time() - start
         done = sum(weights[s] for s in finished)
         left = sum(weights[s] for s in order if s not in finished)
-        eta = f", ETA {_duration(elapsed * left / done)}" if done > 0 and elapsed > 1 and left > 0 else ""
+        eta = f", ETA {duration(elapsed * left / done, 0)}" if done > 0 and elapsed > 1 and left > 0 else ""
         print(f"[{elapsed:7.0f} s] stage {i + 1 if i < n else n}/{n}: {name}{eta}", flush=True)
         if name in graph:
             finished.append(name)  # reported as it starts: counted once the next one starts
 
     try:
         if args.dask or args.scheduler:
-            from hcgen.pipeline.scale import run_dask
+            from hcgen.stages.dask_runner import run_dask
 
             status = sys.stderr.isatty()  # the self-overwriting status line: stderr, and only on a terminal
             shown = []

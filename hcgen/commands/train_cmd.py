@@ -6,9 +6,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hcgen.fileio import atomic_write_json
-from hcgen.lmdb_io import lmdb_count
-from hcgen.pipeline import train as training
+from hcgen.data.lmdb_io import lmdb_count
+from hcgen.data.mix import mix_training_data
+from hcgen.training import caffe_train as training
+from hcgen.util.fileio import atomic_write_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -119,7 +120,7 @@ def run_mix(args: argparse.Namespace) -> int:
     sources = list(args.generated) + ([args.with_mnist] if args.with_mnist else [])
     total = None if filtered else sum(lmdb_count(s) for s in sources)
     with tqdm(total=total, unit="rec", desc="mix", disable=None) as bar:
-        count, before = training.mix_training_data(
+        count, before = mix_training_data(
             args.generated, args.out, args.seed, with_mnist=args.with_mnist, methods=_split(args.methods),
             scales=[float(s) for s in _split(args.scales)] if args.scales else None,
             min_pass=args.min_pass, max_pass=args.max_pass, progress=bar.update)
@@ -129,7 +130,7 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from hcgen.pipeline import evaluate  # imports pycaffe
+    from hcgen.training import evaluate  # imports pycaffe
 
     with tqdm(total=sum(lmdb_count(d) for d in args.data), unit="img", desc="evaluate", disable=None) as bar:
         results = evaluate.evaluate(args.model, args.weights, args.data, group_by=_split(args.by) or [],

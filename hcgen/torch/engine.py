@@ -1,30 +1,30 @@
-"""The tensor-native engine: directions and the exact integer ray search of `hcgen.search` on torch tensors.
+"""The tensor-native engine: directions and the exact integer ray search of `hcgen.core.search` on torch tensors.
 
 Everything runs on the model's device in float64 tensor arithmetic written in the same order as the numpy
-engine (`hcgen.search`, `hcgen.directions`), so a search sees the same breakpoints, takes the same statuses
+engine (`hcgen.core.search`, `hcgen.core.directions`), so a search sees the same breakpoints, takes the same statuses
 and returns the same records; the model is called once per round with one candidate per active search (in
-chunks of ``batch_size`` images, as `hcgen.torch_net.TorchNet` does), with no numpy round trip per forward.
-The conventions (rounding rule, "adversarial", "minimal", failure statuses) are those of `hcgen.search`'s
+chunks of ``batch_size`` images, as `hcgen.backends.torch.TorchNet` does), with no numpy round trip per forward.
+The conventions (rounding rule, "adversarial", "minimal", failure statuses) are those of `hcgen.core.search`'s
 module docstring: images are integer pixels in [0, 255]; the returned image is adversarial and the previous
 distinct integer image on the ray is not.
 
 Pieces:
 
 * `PixelModel`: any ``torch.nn.Module`` seen in pixel units on tensors: a preprocessing (a
-  `hcgen.torch_net` preset name such as ``"lenet"`` = Caffe's ``x * 0.00390625``, a `Normalization`, or a
+  `hcgen.backends.torch` preset name such as ``"lenet"`` = Caffe's ``x * 0.00390625``, a `Normalization`, or a
   callable) applied before the model, the scores h(x) read at the model's output or at any named module with
   a forward hook (the forward stops there, as Caffe's ``forward(end=layer)``).
 * `compute_directions`: FGS, FGV (Eq. 6), HC-D-k and HC-S-k (Eq. 7, omega at the scores' layer) for
-  `hcgen.pipeline.generate.Method` lists; one forward per chunk and one ``autograd.grad`` per seed.
-* `adversarial_search`, `perturb`, `hard_positives`: `hcgen.search`'s algorithm on tensors.
-* `search_batch`: what `hcgen.pipeline.generate.generate_batch` needs for a `TorchNet`, as the numpy
-  dataclasses `hcgen.search.SearchResult` and `hcgen.search.HardPositives`.
+  `hcgen.core.methods.Method` lists; one forward per chunk and one ``autograd.grad`` per seed.
+* `adversarial_search`, `perturb`, `hard_positives`: `hcgen.core.search`'s algorithm on tensors.
+* `search_batch`: what `hcgen.generate.run.generate_batch` needs for a `TorchNet`, as the numpy
+  dataclasses `hcgen.core.search.SearchResult` and `hcgen.core.search.HardPositives`.
 
 Where the two engines can differ (tests/test_torch_engine.py checks each difference is one of these): the
 sum ``u = sum |eta| * levels`` that steers the bracket is a float64 sum in another order (numpy's einsum vs
 torch's sum), so along a non-monotone ray the two searches may reach different crossings; everything else
 (breakpoints, rounding, margins, argmax ties) is the same IEEE arithmetic. The FGS / FGV loss seed
-``softmax(h) - onehot(y)`` is computed by `hcgen.backend.softmax_loss_seed` on a host copy of the (N,
+``softmax(h) - onehot(y)`` is computed by `hcgen.backends.base.softmax_loss_seed` on a host copy of the (N,
 classes) scores, once per chunk of directions (not per search forward), so that the directions are
 TorchNet's bit for bit.
 """
@@ -39,10 +39,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from hcgen import search as np_search
-from hcgen.backend import softmax_loss_seed
-from hcgen.search import Status
-from hcgen.torch_net import Normalization, normalization_preset
+from hcgen.core import search as np_search
+from hcgen.backends.base import softmax_loss_seed
+from hcgen.core.search import Status
+from hcgen.backends.torch import Normalization, normalization_preset
 
 __all__ = ["PixelModel", "TensorSearch", "TensorHardPositives", "compute_directions", "adversarial_search",
            "perturb", "hard_positives", "search_batch", "eval_mode", "Status"]
@@ -103,7 +103,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def as_preprocess(preprocess: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A preset name (`hcgen.torch_net.PRESETS`: lenet, googlenet, resnet152, torchvision), a `Normalization`
+    """A preset name (`hcgen.backends.torch.PRESETS`: lenet, googlenet, resnet152, torchvision), a `Normalization`
     or a callable -> a differentiable function float32 pixels (N, C, H, W) -> model input."""
     if isinstance(preprocess, str):
         return normalization_preset(preprocess).apply
@@ -111,7 +111,7 @@ def as_preprocess(preprocess: Preprocess) -> Callable[[torch.Tensor], torch.Tens
         return preprocess.apply
     if callable(preprocess):
         return preprocess
-    raise ValueError(f"preprocess must be a preset name, a hcgen.torch_net.Normalization or a callable, "
+    raise ValueError(f"preprocess must be a preset name, a hcgen.backends.torch.Normalization or a callable, "
                      f"got {type(preprocess).__name__}")
 
 
@@ -190,7 +190,7 @@ class PixelModel:
 # ---------------------------------------------------------------------------------------- directions
 
 def _normalize(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hcgen.directions.normalize on a float64 tensor (N, ...): eta with max |eta| = 1, valid."""
+    """hcgen.core.directions.normalize on a float64 tensor (N, ...): eta with max |eta| = 1, valid."""
     flat = g.reshape(len(g), -1)
     if not torch.isfinite(flat).all():
         bad = torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten()[:10].tolist()
@@ -205,7 +205,7 @@ def _normalize(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hot_class(h: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """hcgen.directions.hot_class on tensors: the k-th highest-scoring class other than y (ties: lower index)."""
+    """hcgen.core.directions.hot_class on tensors: the k-th highest-scoring class other than y (ties: lower index)."""
     n = h.shape[1]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be an integer in [1, {n - 1}] for {n} classes (k = 1 is the most similar "
@@ -217,7 +217,7 @@ def hot_class(h: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def omega_hc(h: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """Eq. 7 on float64 tensors (see hcgen.directions.omega_hc)."""
+    """Eq. 7 on float64 tensors (see hcgen.core.directions.omega_hc)."""
     hot = hot_class(h, y, k)
     rows = torch.arange(len(h), device=h.device)
     omega = torch.zeros_like(h)
@@ -228,7 +228,7 @@ def omega_hc(h: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 def compute_directions(pm: PixelModel, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                        methods: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-    """eta (N, D, C, H, W) float64 and valid (N, D) for D methods (`hcgen.pipeline.generate.Method`), on
+    """eta (N, D, C, H, W) float64 and valid (N, D) for D methods (`hcgen.core.methods.Method`), on
     the device. ``h`` are the clean scores (N, n) (float64 of the float32 scores). Per chunk of
     ``batch_size`` images: one forward with autograd, then one ``autograd.grad`` per seed (the loss seed for
     FGS / FGV, omega_hc(k) for each distinct k of HC-D / HC-S). Only the pixels' gradients are computed:
@@ -270,7 +270,7 @@ def compute_directions(pm: PixelModel, x: torch.Tensor, y: torch.Tensor, h: torc
 # --------------------------------------------------------------------------- integer images on a ray
 
 def _levels(eps: torch.Tensor, a: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """|integer perturbation| per pixel: min(floor(eps * |eta| + 0.5), headroom) (hcgen.search's rule)."""
+    """|integer perturbation| per pixel: min(floor(eps * |eta| + 0.5), headroom) (hcgen.core.search's rule)."""
     out = eps * a
     out += 0.5
     out.floor_()
@@ -297,7 +297,7 @@ def _exact_break(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _extreme_break(a: torch.Tensor, levels: torch.Tensor, step: int, unusable: Optional[torch.Tensor],
                    uniform: torch.Tensor) -> torch.Tensor:
-    """hcgen.search._extreme_break on tensors: per row, over usable pixels, the largest exact breakpoint of
+    """hcgen.core.search._extreme_break on tensors: per row, over usable pixels, the largest exact breakpoint of
     the current levels (step 0) or the smallest of the next ones (step 1); -inf / inf if none."""
     largest = step == 0
     fill = -INF if largest else INF
@@ -382,7 +382,7 @@ class _Rays:
         return out
 
     def invert(self, idx, lo, hi, u_lo, u_hi, u_star) -> torch.Tensor:
-        """An eps in (lo, hi) where u(eps) is about u_star: _INVERT regula falsi steps (hcgen.search)."""
+        """An eps in (lo, hi) where u(eps) is about u_star: _INVERT regula falsi steps (hcgen.core.search)."""
         out = torch.empty(len(idx), dtype=F64, device=self.a.device)
         for b in range(0, len(idx), self.block):
             sl = slice(b, b + self.block)
@@ -401,7 +401,7 @@ class _Rays:
 
 
 def perturb(x: torch.Tensor, eta: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
-    """The integer image x~(eps) of hcgen.search's rounding rule on tensors, float64 shaped like ``eta``.
+    """The integer image x~(eps) of hcgen.core.search's rounding rule on tensors, float64 shaped like ``eta``.
 
     ``x`` (N, C, H, W) integer pixels; ``eta`` (N, C, H, W) or (N, D, C, H, W); ``eps`` shaped
     ``eta.shape[:-3]`` or a scalar, finite and >= 0."""
@@ -423,7 +423,7 @@ def perturb(x: torch.Tensor, eta: torch.Tensor, eps: torch.Tensor | float) -> to
 
 @dataclass
 class TensorSearch:
-    """hcgen.search.SearchResult as tensors on the device, shaped (N,) or (N, D); x_adv is uint8."""
+    """hcgen.core.search.SearchResult as tensors on the device, shaped (N,) or (N, D); x_adv is uint8."""
 
     eps: torch.Tensor
     eps_prev: torch.Tensor
@@ -436,7 +436,7 @@ class TensorSearch:
     clean_forwards: int
 
     def numpy(self) -> np_search.SearchResult:
-        """The same record as hcgen.search.SearchResult (numpy, on the host)."""
+        """The same record as hcgen.core.search.SearchResult (numpy, on the host)."""
         c = lambda t: t.cpu().numpy()  # noqa: E731
         return np_search.SearchResult(eps=c(self.eps), eps_prev=c(self.eps_prev), x_adv=c(self.x_adv),
                                       label=c(self.label), success=c(self.success), status=c(self.status),
@@ -465,7 +465,7 @@ def _checked_scores(pm: PixelModel, images: torch.Tensor, n_classes: Optional[in
 def adversarial_search(pm: PixelModel, x: torch.Tensor, eta: torch.Tensor, labels: torch.Tensor, *,
                        clean_scores: Optional[torch.Tensor] = None, step0: float = 16.0, growth: float = 3.0,
                        on_round: Optional[Callable[[torch.Tensor], None]] = None) -> TensorSearch:
-    """hcgen.search.adversarial_search on tensors: for every (image, direction) the minimal adversarial
+    """hcgen.core.search.adversarial_search on tensors: for every (image, direction) the minimal adversarial
     integer image along the ray. ``x`` (N, C, H, W) integer pixels, ``eta`` (N, C, H, W) or (N, D, C, H, W)
     normalised directions (float64), ``labels`` (N,) int64, ``clean_scores`` (N, n) if known. ``on_round``
     (for benchmarks) sees every candidate batch."""
@@ -518,7 +518,7 @@ def _inverse_quadratic(p: tuple, m: tuple) -> torch.Tensor:
 
 
 class _Engine:
-    """hcgen.search._Engine on tensors: per-search state, one candidate per active search per round."""
+    """hcgen.core.search._Engine on tensors: per-search state, one candidate per active search per round."""
 
     RUNNING = -1
 
@@ -627,7 +627,7 @@ class _Engine:
 
 @dataclass
 class TensorHardPositives:
-    """hcgen.search.HardPositives on tensors: (F, N[, D], C, H, W) uint8 images for factors (F,), the
+    """hcgen.core.search.HardPositives on tensors: (F, N[, D], C, H, W) uint8 images for factors (F,), the
     original labels, their predicted labels (-1 where not valid) and valid (the search succeeded)."""
 
     factors: torch.Tensor
@@ -652,7 +652,7 @@ def check_factors(factors: Sequence[float]) -> list[float]:
 
 def hard_positives(pm: PixelModel, x: torch.Tensor, eta: torch.Tensor, labels: torch.Tensor,
                    result: TensorSearch, factors: Sequence[float], predict: bool = True) -> TensorHardPositives:
-    """hcgen.search.hard_positives on tensors: every successful minimal perturbation scaled by each factor
+    """hcgen.core.search.hard_positives on tensors: every successful minimal perturbation scaled by each factor
     (``perturb(x, eta, s * eps)``), original labels kept, predicted labels from one forward (if ``predict``)."""
     f = check_factors(factors)
     dev = pm.device
@@ -672,19 +672,19 @@ def hard_positives(pm: PixelModel, x: torch.Tensor, eta: torch.Tensor, labels: t
 # ------------------------------------------------------------------------------- generate_batch's needs
 
 def pixel_model_of(net) -> PixelModel:
-    """The `PixelModel` of a `hcgen.torch_net.TorchNet` (same model, preprocessing, layer, batch size)."""
+    """The `PixelModel` of a `hcgen.backends.torch.TorchNet` (same model, preprocessing, layer, batch size)."""
     return PixelModel(net.model, net.preprocessing, layer=net.layer or None, batch_size=net.batch_size)
 
 
 def search_batch(net, x: np.ndarray, y: np.ndarray, h: np.ndarray, methods: Sequence,
                  scales: Sequence[float] = (), timings: Optional[dict] = None
                  ) -> tuple[np_search.SearchResult, Optional[np_search.HardPositives]]:
-    """For `hcgen.pipeline.generate.generate_batch` on a `TorchNet`: the (search result, hard positives)
+    """For `hcgen.generate.run.generate_batch` on a `TorchNet`: the (search result, hard positives)
     that ``compute_directions`` + ``search.adversarial_search(net.scores, x, eta, y, clean_scores=h)`` +
     ``search.hard_positives(net.scores, x, eta, y, res, scales)`` give, from the tensor engine.
 
     ``x`` (N, C, H, W) uint8 correctly classified sources, ``y`` (N,), ``h`` their scores (N, n) as
-    ``net.scores(x)`` gave them; returns numpy `hcgen.search.SearchResult` and `hcgen.search.HardPositives`
+    ``net.scores(x)`` gave them; returns numpy `hcgen.core.search.SearchResult` and `hcgen.core.search.HardPositives`
     (None without scales). The dispatch in generate_batch is::
 
         if isinstance(net, TorchNet):

@@ -2,7 +2,7 @@
 
 For a batch of integer pixel images and their labels, on the model's *current* weights: every correctly
 classified image is searched along each method's direction (FGS, FGV, HC-D-k, HC-S-k; Eq. 6-7) for its
-minimal adversarial integer image (`hcgen.torch.engine`, the exact search of `hcgen.search`), the minimal
+minimal adversarial integer image (`hcgen.torch.engine`, the exact search of `hcgen.core.search`), the minimal
 perturbation is scaled by each factor (or per image into a PASS band, Fig. 6), and the results that keep
 PASS >= tau are returned with the ORIGINAL labels: hard positives (Sec. 4-5 of Rozsa et al., CVPRW 2016).
 """
@@ -18,7 +18,7 @@ import torch
 
 from hcgen.torch import engine
 from hcgen.torch.engine import F64, PixelModel, Preprocess, canonical, eval_mode, model_device
-from hcgen.torch_net import check_device
+from hcgen.backends.torch import check_device
 
 __all__ = ["HardPositives", "HardPositiveInfo", "REASONS"]
 
@@ -44,7 +44,7 @@ class HardPositiveInfo:
 
 
 def _hwc(images: np.ndarray) -> np.ndarray:
-    """(M, C, H, W) -> (M, H, W) grey or (M, H, W, C) colour, as hcgen.metrics expects."""
+    """(M, C, H, W) -> (M, H, W) grey or (M, H, W, C) colour, as hcgen.core.metrics expects."""
     return images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
 
 
@@ -54,7 +54,7 @@ class HardPositives:
     Parameters
     ----------
     model : the ``torch.nn.Module`` being trained (any device; the hard positives come back on it).
-    methods : hcgen method string (``hcgen.pipeline.generate.parse_methods``), e.g. ``"hc-d:1-9"``,
+    methods : hcgen method string (``hcgen.core.methods.parse_methods``), e.g. ``"hc-d:1-9"``,
         ``"fgs,fgv,hc-d:1-9,hc-s:1-9"``.
     scales : factors >= 1 applied to each minimal perturbation (default ``(1.05,)``; 1.0 = the minimal
         adversarial itself). Not with ``pass_band``.
@@ -62,8 +62,8 @@ class HardPositives:
     layer : module (name in ``dict(model.named_modules())``) whose output are the scores h(x) (one value
         per class, before any softmax); default the model's output. omega of HC-D / HC-S (Eq. 7) is built
         there and backpropagated from there (forward hook).
-    preprocess : pixels -> model input: a `hcgen.torch_net.PRESETS` name (``"lenet"`` = Caffe's x * 1/256,
-        the default; ``"torchvision"``; ...), a `hcgen.torch_net.Normalization`, or a callable on float
+    preprocess : pixels -> model input: a `hcgen.backends.torch.PRESETS` name (``"lenet"`` = Caffe's x * 1/256,
+        the default; ``"torchvision"``; ...), a `hcgen.backends.torch.Normalization`, or a callable on float
         tensors. ``hp.preprocess`` is that function: train with ``model(hp.preprocess(x_hp.float()))``.
     pass_band : ``(low, high)``: instead of fixed scales, per minimal adversarial the scale >= 1 is chosen
         (bisection in log-scale between 1 and ``band_max_scale``, at most ``band_steps`` PASS evaluations)
@@ -71,8 +71,8 @@ class HardPositives:
         cannot are dropped ("outside_band").
     device : optional check: "cpu" or "cuda" (refused in one line where torch sees no GPU); the model
         must already be there (it is never moved).
-    batch_size : images per model call during the search (as `hcgen.torch_net.TorchNet`).
-    pass_jobs : threads of the OpenCV PASS (`hcgen.metrics.pass_scores`; None: all cores).
+    batch_size : images per model call during the search (as `hcgen.backends.torch.TorchNet`).
+    pass_jobs : threads of the OpenCV PASS (`hcgen.core.metrics.pass_scores`; None: all cores).
 
     Calling ``hp(x, y)``: ``x`` is a (N, C, H, W) tensor (or array) of integer pixel values in [0, 255],
     uint8 or float, on any device; ``y`` int64 (N,). Returns ``(x_hp, y_hp)`` on the model's device:
@@ -86,7 +86,7 @@ class HardPositives:
     each module's own ``training`` flag afterwards, also on an exception: the hard positives are minimal
     adversarials of the model's inference function on the current weights, deterministic and independent
     of the batch. The call consumes no random numbers and leaves the parameters' ``.grad`` untouched
-    (only pixel gradients are taken). PASS is OpenCV's (`hcgen.metrics.pass_scores`, on the host);
+    (only pixel gradients are taken). PASS is OpenCV's (`hcgen.core.metrics.pass_scores`, on the host);
     benchmarks/README.md measures its share of a training step.
     """
 
@@ -95,7 +95,7 @@ class HardPositives:
                  pass_band: Optional[Sequence[float]] = None, *, device: Optional[str] = None,
                  batch_size: int = 256, step0: float = 16.0, growth: float = 3.0,
                  pass_jobs: Optional[int] = 1, band_max_scale: float = 8.0, band_steps: int = 8):
-        from hcgen.pipeline.generate import parse_methods
+        from hcgen.core.methods import parse_methods
 
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -269,7 +269,7 @@ class HardPositives:
         self._checked_shape = tuple(one.shape[1:])
 
     def _pass(self, originals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        from hcgen.metrics import pass_scores
+        from hcgen.core.metrics import pass_scores
 
         a = originals.to(torch.uint8).cpu().numpy()
         b = candidates.to(torch.uint8).cpu().numpy()

@@ -1,0 +1,83 @@
+"""The contract between the pipeline and a network: what hcgen.generate needs from a classifier.
+
+`hcgen.backends.caffe.CaffeNet` and `hcgen.backends.torch.TorchNet` are two implementations of `Backend`; the
+pipeline (`hcgen.generate.run`) receives one and imports neither. Like Foolbox 3's ``Model``, a
+backend sees the network in *pixel units*: images go in as (N, C, H, W) batches of values in [0, 255]
+(uint8 or float), the backend applies its own preprocessing, and every gradient comes back with respect
+to the pixels (the preprocessing chain-ruled away), so a step ``eps`` along a normalised direction is in
+grey levels (see `hcgen.core.directions`).
+
+The scores ``h(x)`` are the outputs of one layer, ``layer``, with one value per class: the paper's
+penultimate layer, the input of the final softmax (Eq. 7 of Rozsa et al., CVPRW 2016).
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from hcgen.errors import BadInput
+
+__all__ = ["Backend", "Preprocessing", "softmax_loss_seed"]
+
+
+@runtime_checkable
+class Preprocessing(Protocol):
+    """Pixels -> the network's input, as float32 numpy (N, C, H, W); the backend's own business."""
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A classifier seen in pixel units (see the module docstring).
+
+    input_shape  (C, H, W) of one image.
+    num_classes  values per image at `layer` (= classes).
+    layer        name of the layer whose outputs are the scores h(x).
+    preprocessing  pixels -> network input.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    layer: str
+    preprocessing: Preprocessing
+
+    def scores(self, pixels: np.ndarray) -> np.ndarray:
+        """h(x): float32 (N, num_classes) for pixel images (N, C, H, W)."""
+        ...
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, scores): argmax of h(x) and h(x)."""
+        ...
+
+    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Pixel gradient of the softmax cross-entropy J(theta, x, y) of h(x), float64 (N, C, H, W) (Eq. 6)."""
+        ...
+
+    def backward_from(self, pixels: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """B_l (Sec. 4.3): pixel gradient of <omega, h(x)>; `features` omega is (N, num_classes) or
+        (K, N, num_classes) (K sets after one forward pass); float64 (N, C, H, W) or (K, N, C, H, W)."""
+        ...
+
+
+def softmax_loss_seed(h: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """dJ/dh = softmax(h) - onehot(y) of the softmax cross-entropy, in h's dtype (float32 from a backend).
+
+    Both backends seed their backward pass with this same array, so their loss gradients differ only by
+    the networks' own arithmetic.
+    """
+    p = np.exp(h - h.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p
+
+
+def check_labels(labels, n: int, num_classes: int) -> np.ndarray:
+    """`labels` as an array of `n` class indices in [0, num_classes); ValueError otherwise."""
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise BadInput(f"labels must have shape ({n},), got {y.shape}")
+    if y.min(initial=0) < 0 or y.max(initial=0) >= num_classes:
+        raise BadInput(f"labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
+    return y

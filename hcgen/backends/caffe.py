@@ -1,0 +1,237 @@
+"""A Caffe deploy net seen in pixel units: the Caffe `Backend`.
+
+`CaffeNet` wraps a deploy prototxt + caffemodel. Images go in as float or uint8 batches
+(N, C, H, W) of pixels in [0, 255]; the adapter applies the net's preprocessing
+(LeNet: ``scale = 1/256``; ImageNet nets: channel order and mean, see `Preprocessing`) and
+returns gradients with respect to the *pixels*, so a step ``eps`` along a direction is in
+grey levels.
+
+Scores are the penultimate blob ``h(x)`` (the input of the final Softmax: LeNet ``ip2``),
+the "features of the penultimate layer" of Eq. 7 in Rozsa et al. (CVPRW 2016). The image
+gradient of a feature vector is computed with ``Net.backward_from`` (B_l, Sec. 4.3), which
+hcgen adds to pycaffe with patches/0003-pycaffe-backward-from.patch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hcgen.backends.base import check_labels, softmax_loss_seed
+from hcgen.backends.pycaffe import caffe, caffe_pb2, text_format
+from hcgen.errors import BadInput, NotFound
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Pixels -> net input: ``net[:, c] = (pixels[:, channel_order[c]] - mean[c]) * scale``.
+
+    LeNet (Caffe's MNIST example): ``scale=1/256`` (0.00390625), no mean, one channel.
+    BVLC-GoogLeNet: ``channel_order=(2, 1, 0)`` (RGB pixels -> BGR), ``mean=(104, 117, 123)``,
+    ``scale=1``. hcgen's ImageNet presets (`GOOGLENET`, `RESNET152`) take BGR pixels, as hcgen.data.images
+    loads them and as Caffe's Data layer reads LMDBs, so they swap no channels.
+    """
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    channel_order: tuple[int, ...] = ()
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.channel_order:
+            x = x[:, list(self.channel_order)]
+        if self.mean:
+            x = x - np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
+        return x * np.float32(self.scale)
+
+    def inverse(self, net_input: np.ndarray) -> np.ndarray:
+        """Exact inverse of `forward` (up to float rounding): net input -> pixels."""
+        x = np.asarray(net_input, dtype=np.float64) / self.scale
+        if self.mean:
+            x = x + np.asarray(self.mean, dtype=np.float64)[None, :, None, None]
+        if self.channel_order:
+            x = x[:, np.argsort(self.channel_order)]
+        return x
+
+    def gradient_to_pixels(self, input_diff: np.ndarray) -> np.ndarray:
+        """Chain rule through `forward`: d/d(pixels) = scale * d/d(net input), channels put back."""
+        g = np.asarray(input_diff, dtype=np.float64) * self.scale
+        if self.channel_order:
+            g = g[:, np.argsort(self.channel_order)]
+        return g
+
+
+LENET = Preprocessing(scale=0.00390625)
+# ImageNet nets on BGR pixels (the order of cv2.imread, hcgen.data.images and the LMDBs hcgen writes), 224x224
+# centre crops: BVLC-GoogLeNet's train_val mean_value; for ResNet-152, whose published mean is the
+# image ResNet_mean.binaryproto, per-channel ImageNet means (see models/resnet152/README.md).
+GOOGLENET = Preprocessing(mean=(104.0, 117.0, 123.0))
+RESNET152 = Preprocessing(mean=(103.939, 116.779, 123.68))
+PRESETS = {"lenet": LENET, "googlenet": GOOGLENET, "resnet152": RESNET152}
+
+
+def preprocessing_preset(name: str) -> Preprocessing:
+    """The `Preprocessing` named `name` in `PRESETS` (lenet, googlenet, resnet152)."""
+    if name not in PRESETS:
+        raise BadInput(f"unknown preprocessing {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def read_prototxt_into(prototxt: str | os.PathLike, param, what: str):
+    path = Path(prototxt)
+    if not path.is_file():
+        raise NotFound(f"{what} not found: {path}")
+    try:
+        text_format.Merge(path.read_text(), param)
+    except text_format.ParseError as exc:
+        raise BadInput(f"{path} is not a valid Caffe {type(param).__name__} prototxt: {exc}") from exc
+    return param
+
+
+def read_net_parameter(prototxt: str | os.PathLike) -> caffe_pb2.NetParameter:
+    return read_prototxt_into(prototxt, caffe_pb2.NetParameter(), "deploy prototxt")
+
+
+def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
+    """Name of the layer whose top feeds the final Softmax (the paper's penultimate layer)."""
+    softmax = [layer for layer in param.layer if layer.type == "Softmax"]
+    if not softmax:
+        raise BadInput(
+            "the prototxt has no Softmax layer, so the penultimate layer cannot be found; "
+            "name it with --layer"
+        )
+    blob = softmax[-1].bottom[0]
+    producers = [layer.name for layer in param.layer if blob in layer.top and layer.type != "Softmax"]
+    if not producers:
+        raise BadInput(f"no layer produces {blob!r}, the input of the final Softmax; name one with --layer")
+    return producers[-1]
+
+
+@dataclass
+class CaffeNet:
+    """A deploy net (prototxt with an Input layer, ``force_backward: true``) + caffemodel.
+
+    Parameters
+    ----------
+    deploy, weights : paths to the deploy prototxt and the trained caffemodel.
+    preprocessing : pixels -> net input (default: LeNet's scale 1/256).
+    layer : the penultimate layer; default: the layer feeding the final Softmax.
+    batch_size : images per forward pass.
+    """
+
+    deploy: str | os.PathLike
+    weights: str | os.PathLike
+    preprocessing: Preprocessing = LENET
+    layer: str | None = None
+    batch_size: int = 256
+    net: caffe.Net = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        param = read_net_parameter(self.deploy)
+        if not param.force_backward:
+            raise BadInput(
+                f"{self.deploy} lacks 'force_backward: true'; input gradients would be zero"
+            )
+        if not Path(self.weights).is_file():
+            raise NotFound(f"weights not found: {self.weights} (train a net with `hcgen train`)")
+        self.net = caffe.Net(str(self.deploy), caffe.TEST, weights=str(self.weights))
+        if len(self.net.inputs) != 1:
+            raise BadInput(f"{self.deploy} must have exactly one input blob, has {list(self.net.inputs)}")
+        self.input_blob = self.net.inputs[0]
+        self.input_shape = tuple(self.net.blobs[self.input_blob].shape[1:])
+        self.layer = self.layer or penultimate_layer(param)
+        if self.layer not in self.net.top_names:
+            raise BadInput(
+                f"unknown layer {self.layer!r}; layers of {self.deploy}: {', '.join(self.net.top_names)}"
+            )
+        tops = self.net.top_names[self.layer]
+        if len(tops) != 1:
+            raise BadInput(f"layer {self.layer!r} has {len(tops)} top blobs; it needs exactly one")
+        self.score_blob = tops[0]
+        outputs = [self.net.blobs[name].data for name in self.net.outputs]
+        self.num_classes = int(np.prod(outputs[-1].shape[1:]))
+        score_size = int(np.prod(self.net.blobs[self.score_blob].shape[1:]))
+        if score_size != self.num_classes:
+            raise BadInput(
+                f"layer {self.layer!r} outputs {score_size} values per image but the net has "
+                f"{self.num_classes} classes; choose the layer before the Softmax"
+            )
+
+    # -- batching -------------------------------------------------------------------------
+
+    def _check(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.asarray(pixels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise BadInput(
+                f"images must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}"
+            )
+        return x
+
+    def _forward_chunk(self, x: np.ndarray) -> np.ndarray:
+        blob = self.net.blobs[self.input_blob]
+        if blob.shape[0] != len(x):
+            blob.reshape(len(x), *self.input_shape)
+            self.net.reshape()
+        blob.data[...] = self.preprocessing.forward(x)
+        self.net.forward(end=self.layer)
+        return self.net.blobs[self.score_blob].data.reshape(len(x), -1).copy()
+
+    def scores(self, pixels: np.ndarray) -> np.ndarray:
+        """Penultimate scores h(x), float32 (N, n_classes), for pixel images (N, C, H, W)."""
+        x = self._check(pixels)
+        out = np.empty((len(x), self.num_classes), dtype=np.float32)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            out[start:stop] = self._forward_chunk(x[start:stop])
+        return out
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, scores): argmax of the penultimate scores (= argmax of the Softmax)."""
+        s = self.scores(pixels)
+        return s.argmax(axis=1), s
+
+    # -- gradients ------------------------------------------------------------------------
+
+    def _backward_chunk(self, x: np.ndarray, features_fn) -> np.ndarray:
+        """One forward of the chunk, then one B_l per feature set: (K, n, C, H, W) pixel gradients."""
+        h = self._forward_chunk(x)
+        shape = self.net.blobs[self.score_blob].shape
+        return np.stack([
+            self.preprocessing.gradient_to_pixels(self.net.backward_from(self.layer, omega.reshape(shape)))
+            for omega in features_fn(h)
+        ])
+
+    def backward_from(self, pixels: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """B_l (Sec. 4.3): image-space gradient of <omega, h(x)> for features omega at the penultimate layer.
+
+        `features` is (N, n_classes), one omega per image (e.g. Eq. 7's omega_hc), or (K, N, n_classes)
+        for K feature sets backpropagated after a single forward pass per chunk. Returns float64
+        pixel-unit gradients (N, C, H, W), or (K, N, C, H, W).
+        """
+        x = self._check(pixels)
+        omega = np.asarray(features, dtype=np.float32)
+        single = omega.ndim == 2
+        omega = omega[None] if single else omega
+        if omega.ndim != 3 or omega.shape[1:] != (len(x), self.num_classes):
+            raise BadInput(
+                f"features must have shape ({len(x)}, {self.num_classes}) or (K, {len(x)}, "
+                f"{self.num_classes}) for {len(x)} images, got {np.shape(features)}"
+            )
+        out = np.empty((len(omega),) + x.shape, dtype=np.float64)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            out[:, start:stop] = self._backward_chunk(x[start:stop], lambda h: omega[:, start:stop])
+        return out[0] if single else out
+
+    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
+        x = self._check(pixels)
+        y = check_labels(labels, len(x), self.num_classes)
+        out = np.empty(x.shape, dtype=np.float64)
+        for start in range(0, len(x), self.batch_size):
+            stop = start + self.batch_size
+            yy = y[start:stop]
+            out[start:stop] = self._backward_chunk(x[start:stop], lambda h: [softmax_loss_seed(h, yy)])[0]
+        return out

@@ -1,0 +1,1 @@
+"""`hcgen generate`: the resumable generation run and the merge of its shards."""

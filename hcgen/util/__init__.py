@@ -1,0 +1,1 @@
+"""Plumbing without hcgen knowledge: atomic files, folder locks, hashing, text formats."""
