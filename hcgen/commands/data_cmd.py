@@ -7,6 +7,7 @@ import time
 from tqdm import tqdm
 
 from hcgen.data import infimnist, mnist
+from hcgen.util.locks import folder_lock
 
 _SOURCE_HELP = ("directory holding the four MNIST files, gzipped or not (default: $HCGEN_MNIST_DIR, "
                 "../shared/data/mnist from the current directory, then from the repository root, "
@@ -37,8 +38,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.util.locks import folder_lock
-
     with folder_lock(args.out):  # one writer per output folder: a second run exits at once
         return _mnist(args) if args.dataset == "mnist" else _infimnist(args)
 

@@ -7,6 +7,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hcgen.commands.generate_cmd import print_summary
+from hcgen.core.methods import PAPER_METHODS
+from hcgen.data.mnist import convert_mnist
+from hcgen.experiments.table1.protocol import MODELS, caffemodel
+from hcgen.generate.run import GenerateSettings, generate
+from hcgen.report.gallery import write_generation_report
+from hcgen.training.caffe_train import train
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,18 +36,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.backends.caffe import CaffeNet
-    from hcgen.commands.generate_cmd import print_summary
-    from hcgen.report.gallery import write_generation_report
-    from hcgen.data.mnist import convert_mnist
-    from hcgen.core.methods import PAPER_METHODS
-    from hcgen.generate.run import GenerateSettings, generate
-    from hcgen.experiments.table1.protocol import MODELS, caffemodel
-    from hcgen.training.caffe_train import train
+    from hcgen.backends.caffe import CaffeNet  # pycaffe: loaded only when used
 
     out = Path(args.out)
     if args.weights is not None:  # a bad caffemodel would abort Caffe (and this process) at step 3
-        from hcgen.backends.caffe_checks import check_deploy
+        from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
 
         check_deploy(MODELS / "lenet_deploy.prototxt", args.weights)
     print(f"[1/3] MNIST -> {out / 'mnist'}")

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             ok = _line(False, module, f"{exc}; {FIX}")
     try:
-        from hcgen.backends import caffe_checks
+        from hcgen.backends import caffe_checks  # pycaffe: what this command checks
     except ImportError as exc:
         _line(False, "pycaffe", f"cannot import caffe ({exc}); {FIX}")
         return 1

@@ -6,8 +6,13 @@ import argparse
 from tqdm import tqdm
 
 from hcgen.core.methods import PAPER_METHODS
+from hcgen.core.methods import parse_methods, parse_scales
 from hcgen.errors import BadInput
 from hcgen.generate.run import GenerateSettings
+from hcgen.generate.run import generate
+from hcgen.generate.shards import merge_shards
+from hcgen.generate.shards import parse_shard
+from hcgen.util.locks import folder_lock
 
 
 def add_parser(subparsers) -> None:
@@ -69,8 +74,6 @@ def add_merge_parser(subparsers) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from hcgen.generate.shards import merge_shards
-
     count = merge_shards(args.shards, args.out)
     print(f"merged {len(args.shards)} shards: {count} records in {args.out}")
     return 0
@@ -89,26 +92,19 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.util.locks import folder_lock
-
     with folder_lock(args.out):  # a second run on --out exits 2 at once, before anything is loaded
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hcgen.generate.run import generate
-
-    from hcgen.core.methods import parse_methods, parse_scales
-    from hcgen.generate.shards import parse_shard
-
     parse_methods(args.methods), parse_scales(args.scales), parse_shard(args.shard)  # option errors first
     if args.framework == "torch":
-        from hcgen.backends.torch import open_torch_net
+        from hcgen.backends.torch import open_torch_net  # torch: loaded only when used
 
         net = open_torch_net(args.model, args.weights, args.preprocess, args.layer, args.device)
     else:
-        from hcgen.backends.caffe import CaffeNet, preprocessing_preset
-        from hcgen.backends.caffe_checks import check_deploy
+        from hcgen.backends.caffe import CaffeNet, preprocessing_preset  # pycaffe: loaded only when used
+        from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
 
         if args.weights is None:
             raise BadInput("--weights (the trained caffemodel) is required with --framework caffe")

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hcgen.core import metrics
+from hcgen.data.lmdb_io import read_lmdb
 from hcgen.errors import BadInput, NotFound
 from hcgen.util.fileio import atomic_write
 
@@ -133,8 +134,6 @@ def _image_names(folder: Path) -> set[str]:
 
 
 def _pair_lmdbs(a: Path, b: Path, grey: bool):
-    from hcgen.data.lmdb_io import read_lmdb
-
     (ka, xa, _), (kb, xb, _) = read_lmdb(a), read_lmdb(b)
     ib = {k: i for i, k in enumerate(kb)}
     names = [k for k in ka if k in ib]

@@ -10,12 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from hcgen.errors import BadInput
+from hcgen.experiments.table1.protocol import (PROFILES, estimate_for_cli, expected_seconds, measured_rates,
+                                               report_spec, stages)
+from hcgen.experiments.table1.results import write_report
+from hcgen.stages.graph import run_sequential, stage_times
+from hcgen.util.locks import folder_lock
 from hcgen.util.text import duration
 
 
 def add_parser(subparsers) -> None:
-    from hcgen.experiments.table1.protocol import PROFILES
-
     p = subparsers.add_parser(
         "table1",
         help="reproduce Table 1 and Figs. 2, 4, 5, 6 on LeNet/MNIST",
@@ -51,8 +54,6 @@ def add_parser(subparsers) -> None:
 
 def run_locked(args: argparse.Namespace) -> int:
     """`run`, holding the work folder's lock (hcgen.util.locks): a second run on it exits 2 at once."""
-    from hcgen.util.locks import folder_lock
-    from hcgen.experiments.table1.protocol import PROFILES
 
     if args.estimate:  # reads the work folder only
         return run(args)
@@ -61,11 +62,6 @@ def run_locked(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.experiments.table1.protocol import (PROFILES, estimate_for_cli, expected_seconds, measured_rates,
-                                                   report_spec, stages)
-    from hcgen.experiments.table1.results import write_report
-    from hcgen.stages.graph import run_sequential, stage_times
-
     profile = PROFILES[args.profile]
     if args.shards is not None:
         if args.shards < 1:
@@ -106,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.dask or args.scheduler:
-            from hcgen.stages.dask_runner import run_dask
+            from hcgen.stages.dask_runner import run_dask  # dask: loaded only when used
 
             status = sys.stderr.isatty()  # the self-overwriting status line: stderr, and only on a terminal
             shown = []

@@ -130,7 +130,7 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from hcgen.training import evaluate  # imports pycaffe
+    from hcgen.training import evaluate  # pycaffe: loaded only when used
 
     with tqdm(total=sum(lmdb_count(d) for d in args.data), unit="img", desc="evaluate", disable=None) as bar:
         results = evaluate.evaluate(args.model, args.weights, args.data, group_by=_split(args.by) or [],

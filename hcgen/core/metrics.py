@@ -34,11 +34,10 @@ Conventions
 
 Notes
 -----
-Speed: almost all the time is OpenCV's ECC (~390 µs per MNIST pair with mild noise, more for noisier
-or shifted candidates: it iterates until the correlation gain falls below 1e-5). `pass_scores` runs
-it on `n_jobs` threads (cv2 releases the GIL; a process pool measured the same) with OpenCV's own
-threads switched off meanwhile; SSIM adds ~25 µs a pair. benchmarks/bench_pass.py measures both
-against the naive per-pair loop. Switching OpenCV's thread count is process-wide: avoid calling
+Speed: almost all the time is OpenCV's ECC (more for noisier or shifted candidates: it iterates until
+the correlation gain falls below 1e-5); SSIM adds little. `pass_scores` runs ECC on `n_jobs` threads
+(cv2 releases the GIL) with OpenCV's own threads switched off meanwhile. The times per pair are in
+benchmarks/README.md (benchmarks/bench_pass.py measures both against the naive per-pair loop). Switching OpenCV's thread count is process-wide: avoid calling
 OpenCV elsewhere in parallel with a batch if you rely on its threads.
 
 ECC: G. D. Evangelidis, E. Z. Psarakis, "Parametric image alignment using enhanced correlation
@@ -255,7 +254,7 @@ class _Aligner:
                     ECC_CRITERIA, None, ECC_GAUSS_FILT_SIZE,
                 )
                 hom[i] = refined  # usually hom[i] itself (OpenCV writes in place); never rely on it
-                ok = cv2.checkRange(hom[i])[0]  # finite; np.isfinite here costs ~20 µs a pair (measured)
+                ok = cv2.checkRange(hom[i])[0]  # finite, and cheaper than np.isfinite here
             except cv2.error as exc:
                 # cv2 keeps `code` on the exception class (shared by threads); the message is per error.
                 if f"({cv2.Error.StsNoConv}:" not in str(exc):  # a real error, not ECC giving up

@@ -37,9 +37,8 @@ staircase in u (each pixel step moves u by that pixel's |eta|): inverse quadrati
 lo, hi and the last point to leave the bracket, else Illinois regula falsi, and bisection in eps after
 two rounds that did not halve the bracket. The predicted u is mapped back to eps by regula falsi on the
 monotone function u(eps), and the integer image containing that eps is evaluated. The search ends when
-no image lies between lo and hi. Forwards per search on a Caffe LeNet (MNIST, step0 16): 3.6 for FGS and
-HC-S-1, 5.7 to 6.8 for FGV and HC-D-1/3, 5.1 overall, against 15.9 for doubling from 1 plus bisection;
-benchmarks/bench_search_core.py measures the same with a numpy model.
+no image lies between lo and hi. The forwards per search this takes, against doubling plus bisection, are
+in benchmarks/README.md (benchmarks/bench_search_core.py measures them).
 
 Memory: about 11 bytes per pixel per (image, direction) pair; split very large batches.
 """

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hcgen.core.methods import parse_methods
 from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, decode_datum, key_for, lmdb_count
 from hcgen.errors import BadInput, NoSuchRecord, NotFound
 
@@ -26,8 +27,6 @@ __all__ = ["GeneratedDataset"]
 
 def _method_names(methods: str | Iterable[str]) -> list[str]:
     if isinstance(methods, str):
-        from hcgen.core.methods import parse_methods
-
         return [m.name for m in parse_methods(methods)]
     return [str(m) for m in methods]
 

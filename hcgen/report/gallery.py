@@ -94,7 +94,7 @@ class Gallery:
 
     # figures
     def _overview_figure(self) -> str:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # matplotlib: loaded only when used
 
         g = self.gen
         types = [(m, s) for m in g.methods for s in g.scales if ((g.method == m) & (g.scale == s)).any()]
@@ -113,7 +113,7 @@ class Gallery:
         return f"<img class=\"fig\" src=\"{png_figure(fig)}\" alt=\"PASS per type\">"
 
     def _method_figure(self, m: str) -> str:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # matplotlib: loaded only when used
 
         g = self.gen
         fig = Figure(figsize=(10, 2.6))

@@ -2,8 +2,8 @@
 
 By default a `LocalCluster` with one single-threaded worker process per core and
 ``OPENBLAS_NUM_THREADS=1`` and ``HCGEN_THREADS=1`` inside the workers (this CPU Caffe gains nothing
-from more BLAS threads; on this 2-core VM two one-thread `caffe train` runs side by side took 14.0 s
-for 300 iterations each against 13.0 s for one alone, i.e. 1.86x the throughput).
+from more BLAS threads, and one-thread runs side by side nearly double the throughput: the figures
+are in benchmarks/README.md).
 `scheduler="tcp://host:8786"` runs the same graph on an existing cluster (`dask scheduler` +
 `dask worker --nthreads 1 ...`, or dask-jobqueue), whose workers must see the same work folder.
 
@@ -31,7 +31,7 @@ def local_cluster(n_workers: Optional[int] = None):
     WORKER_ENV goes to the workers only: each nanny sets `env` in its worker process before the worker
     starts (this driver's os.environ is left alone; Dask's own ``distributed.nanny.pre-spawn-environ``
     defaults pin OMP/MKL/OpenBLAS threads before the spawn as well)."""
-    from distributed import LocalCluster
+    from distributed import LocalCluster  # dask: loaded only when used
 
     return LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1,
                         processes=True, dashboard_address=":0", env=dict(WORKER_ENV))
@@ -49,14 +49,14 @@ def run_dask(graph: dict[str, Stage], work: Path, scheduler: Optional[str] = Non
     folders as arguments. Handing Dask the whole graph of futures at once was measured to be slower:
     the scheduler placed a stage next to its inputs' (tiny) results and assigned stages before their
     durations were known, so on 2 workers one worker ran 4 of 6 stages while the other sat idle
-    (58 s against 52 s for the same 6 stages). Stages that finished before are not resubmitted.
+    (benchmarks/README.md). Stages that finished before are not resubmitted.
 
     `progress(state)` receives {"done", "running", "running_names", "left", "total", "elapsed_s",
     "eta_s", "dashboard", "last"} at the start, each time a stage finishes ("last" names it) and every
     `refresh_s` seconds in between ("last" empty). The ETA is elapsed time x work left / work done,
     with each stage's work from `weights` (e.g. its expected seconds; default: 1 per stage).
     """
-    from distributed import Client, as_completed
+    from distributed import Client, as_completed  # dask: loaded only when used
 
     keys = folders(graph)
     deps = {name: tuple(stage.deps) for name, stage in graph.items()}

@@ -170,7 +170,7 @@ def die_with_parent(cmd: Sequence[str]) -> list[str]:
 
 def _last_error(lines: Sequence[str]) -> str:
     """The line of a failed caffe's log that says why (glog FATAL / Check failed), without its prefix."""
-    from hcgen.backends.caffe_checks import fatal_line
+    from hcgen.backends.caffe_checks import fatal_line  # pycaffe: loaded only when used
 
     return fatal_line("".join(lines))
 
@@ -218,7 +218,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     snapshots of a run with other settings, and RuntimeError (with Caffe's error line) when
     ``caffe train`` fails.
     """
-    from hcgen.training import solver as solvers  # pycaffe loads lazily: `hcgen doctor` imports caffe_executable without it
+    from hcgen.training import solver as solvers  # pycaffe: `hcgen doctor` imports caffe_executable without it
 
     out = Path(out).absolute()
     solver_path = Path(solver).absolute()
@@ -228,7 +228,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     if weights_path is not None and not weights_path.is_file():
         raise NotFound(f"weights not found: {weights} (the base net's .caffemodel to fine-tune)")
     if weights_path is not None:
-        from hcgen.backends.caffe_checks import check_finite, read_caffemodel
+        from hcgen.backends.caffe_checks import check_finite, read_caffemodel  # pycaffe: loaded only when used
 
         check_finite(read_caffemodel(weights_path), weights)  # truncated, foreign or diverged weights
     for name, value in (("iterations", iterations), ("snapshot_every", snapshot_every), ("test_every", test_every)):

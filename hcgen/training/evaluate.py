@@ -46,7 +46,7 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
     (datasets without the sidecar or the columns get only their ALL row). `progress(n)` is called
     after each batch of n records.
     """
-    from hcgen.backends.caffe_checks import check_deploy
+    from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
 
     if batch_size < 1:
         raise BadInput(f"--batch-size must be positive, got {batch_size}")

@@ -38,9 +38,17 @@ from typing import Optional, Union
 
 import numpy as np
 
+from hcgen.core.methods import parse_methods
+from hcgen.data.infimnist import write_infimnist
+from hcgen.data.lmdb_io import DatumWriter, MetadataTable, read_raw
+from hcgen.data.mix import mix_training_data
+from hcgen.data.mnist import convert_mnist
 from hcgen.errors import BadInput, NotFound
+from hcgen.generate.run import GenerateSettings, generate
+from hcgen.generate.shards import merge_shards
 from hcgen.stages import graph as _stages
 from hcgen.stages.graph import Stage
+from hcgen.training.caffe_train import train
 from hcgen.util.fileio import atomic_write
 
 MODELS = Path(__file__).resolve().parents[3] / "models" / "lenet"
@@ -134,14 +142,11 @@ PROFILES = {
 # ------------------------------------------------------------------------------------------ stages
 
 def _mnist(out: Path, source: Optional[str]) -> None:
-    from hcgen.data.mnist import convert_mnist
-
     convert_mnist(out, source)
 
 
 def _shuffle(out: Path, mnist: Path, seed: int) -> None:
     """The 60K training digits in a seeded order: one base net's "random ordering"."""
-    from hcgen.data.mix import mix_training_data
 
     mix_training_data([], out / "lmdb", seed, with_mnist=mnist / "mnist_train_lmdb")
 
@@ -151,8 +156,6 @@ def _solver(name: str) -> Path:
 
 
 def _train_base(out: Path, mnist: Path, *order: Path, seed: int, iterations: int, solver: str) -> None:
-    from hcgen.training.caffe_train import train
-
     data = order[0] / "lmdb" if order else mnist / "mnist_train_lmdb"
     train(_solver(solver), out, seed=seed, iterations=iterations, test=False,
           train_lmdb=data, test_lmdb=mnist / "mnist_test_lmdb")
@@ -167,8 +170,7 @@ def caffemodel(folder: Path) -> Path:
 
 def _generate(out: Path, base: Path, mnist: Path, split: str, methods: str, scales: str,
               limit: Optional[int], seed: int, shard: str = "0/1") -> None:
-    from hcgen.backends.caffe import CaffeNet
-    from hcgen.generate.run import GenerateSettings, generate
+    from hcgen.backends.caffe import CaffeNet  # pycaffe: loaded only when used
 
     deploy = MODELS / "lenet_deploy.prototxt"
     weights = caffemodel(base)
@@ -180,15 +182,12 @@ def _generate(out: Path, base: Path, mnist: Path, split: str, methods: str, scal
 
 def _merge(out: Path, *shards: Path) -> None:
     """The shards' records merged: identical to the unsharded generation (hcgen.generate.shards.merge_shards)."""
-    from hcgen.generate.shards import merge_shards
 
     shutil.rmtree(out / "lmdb", ignore_errors=True)  # left by a merge that died: this stage is not done
     merge_shards([s / "lmdb" for s in shards], out / "lmdb")
 
 
 def _records(folder: Path) -> list[dict]:
-    from hcgen.data.lmdb_io import MetadataTable
-
     return list(MetadataTable(folder / "lmdb" / "metadata.csv").rows())
 
 
@@ -242,7 +241,6 @@ def heldout_shares(per_type: int, nets: int) -> list[int]:
 
 def _heldout(out: Path, *generated: Path, per_type: int) -> None:
     """`per_type` records of each held-out type, drawn evenly (seeded) from every net's test generation."""
-    from hcgen.data.lmdb_io import DatumWriter, MetadataTable, read_raw
 
     rng = np.random.default_rng(2016)
     columns = None
@@ -277,15 +275,11 @@ def _heldout(out: Path, *generated: Path, per_type: int) -> None:
 
 
 def _infimnist(out: Path, count: int, source: Optional[str]) -> None:
-    from hcgen.data.infimnist import write_infimnist
-
     write_infimnist(out / "lmdb", count, seed=0, source=source)
 
 
 def _mix(out: Path, mnist: Path, data: Path, *tau: Path, seed: int, methods, scales, min_pass, max_pass,
          with_mnist: bool = True) -> None:
-    from hcgen.data.mix import mix_training_data
-
     if tau:  # the rows' PASS threshold, calibrated by the tau stage
         min_pass = read_tau(tau[0])
     mix_training_data([data / "lmdb"], out / "lmdb", seed,
@@ -294,8 +288,6 @@ def _mix(out: Path, mnist: Path, data: Path, *tau: Path, seed: int, methods, sca
 
 
 def _finetune(out: Path, base: Path, mix: Path, mnist: Path, seed: int, iterations: int, solver: str) -> None:
-    from hcgen.training.caffe_train import train
-
     # Caffe's test phases only report (every net is evaluated afterwards) and cost ~12% of a 1,000-
     # iteration LeNet fine-tune (benchmarks/bench_stage_rate.py): none at all; the weights are the same.
     train(_solver(solver), out, weights=caffemodel(base), seed=seed, iterations=iterations,
@@ -303,14 +295,12 @@ def _finetune(out: Path, base: Path, mix: Path, mnist: Path, seed: int, iteratio
 
 
 def _scratch(out: Path, mix: Path, mnist: Path, seed: int, iterations: int, solver: str) -> None:
-    from hcgen.training.caffe_train import train
-
     train(_solver(solver), out, seed=seed, iterations=iterations, test=False,
           train_lmdb=mix / "lmdb", test_lmdb=mnist / "mnist_test_lmdb")
 
 
 def _evaluate(out: Path, net: Path, mnist: Path, heldout: Path) -> None:
-    from hcgen.training.evaluate import evaluate
+    from hcgen.training.evaluate import evaluate  # pycaffe: loaded only when used
 
     results = evaluate(MODELS / "lenet_deploy.prototxt", caffemodel(net),
                        [mnist / "mnist_test_lmdb", heldout / "lmdb"])
@@ -442,7 +432,6 @@ def stage_work(name: str, params: dict, p: Profile) -> tuple[str, float]:
     """(kind, size) of a stage of profile `p`, from its name and parameters: training iterations,
     searches (source digits x directions), records mixed or assembled, images evaluated or deformed.
     Generated counts assume every search succeeds (99.9% did on LeNet)."""
-    from hcgen.core.methods import parse_methods
 
     if name == "mnist":
         return "mnist conversion", 1

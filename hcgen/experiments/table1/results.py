@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from hcgen.data.lmdb_io import MetadataTable, lmdb_count, read_raw, decode_datum
+from hcgen.data.lmdb_io import read_lmdb
 from hcgen.util.fileio import atomic_write
 
 MNIST_SET, HELDOUT_SET = "mnist_test_lmdb", "lmdb"
@@ -34,7 +35,7 @@ def _training_images(mix: Path) -> int:
 
 def _welch_less(a: list[float], b: list[float]) -> float:
     """One-sided Welch t-test p-value for mean(a) < mean(b) (nan when either side has < 2 values)."""
-    from scipy import stats
+    from scipy import stats  # scipy: loaded only when used
 
     if len(a) < 2 or len(b) < 2:
         return float("nan")
@@ -287,10 +288,10 @@ def _type(r: dict) -> str:
 
 
 def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
-    import matplotlib
+    import matplotlib  # matplotlib: loaded only when used
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: loaded only when used
 
     note = f" ({spec['profile']} profile)"
     made = []
@@ -304,8 +305,6 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
             by_src.setdefault(r["source_index"], {})[r["method"]] = (i, r)
     src = next((s for s, d in by_src.items() if len(d) == len(wanted)), None)
     if src is not None:
-        from hcgen.data.lmdb_io import read_lmdb
-
         _, mnist_images, _ = read_lmdb(outputs["mnist"] / "mnist_test_lmdb")
         x = mnist_images[int(src), 0].astype(float)
         fig, ax = plt.subplots(2, 5, figsize=(11, 5))
