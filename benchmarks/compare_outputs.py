@@ -8,7 +8,11 @@ Both runs read the same MNIST files (``--mnist``). Then every file the runs wrot
 byte, except for what cannot be the same between two runs, each for a stated reason:
 
 - the path of the clone and of the output folder, wherever a file records it (generate.json,
-  solver.prototxt, mix.json, reports, ...): replaced by ``<REPO>`` and ``<OUT>`` before comparing;
+  solver.prototxt, mix.json, reports, ...): replaced by ``<REPO>`` and ``<OUT>`` before comparing; in a
+  caffemodel or solverstate (protobuf: Caffe stores the net with its Data layers' absolute LMDB paths,
+  and the snapshot's path) the same replacement is made in every string field of the parsed message;
+- the sha256 of a caffemodel, wherever it is recorded (generate.json, the gallery): it hashes those
+  paths too, so it is replaced by ``<sha256 of RELATIVE/PATH>`` (the caffemodels themselves are compared);
 - ``train.log``: Caffe's log, every line of which begins with a wall-clock timestamp and a thread id;
 - the stage markers' ``started``, ``seconds``, ``host`` and ``pid`` (`.stage.json`) and
   ``stage_times.json``: when and where a stage ran, and for how long;
@@ -21,6 +25,7 @@ Exit status 0 when everything compared is identical, 1 otherwise (the differing 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -64,15 +69,53 @@ def run_commit(commit: str, root: Path, args: argparse.Namespace) -> dict[str, f
     return seconds
 
 
+def _replace_paths(data: bytes, root: Path) -> bytes:
+    for text, token in ((str(root / "repo"), b"<REPO>"), (str(root / "out"), b"<OUT>")):
+        data = data.replace(text.encode(), token)
+    return data
+
+
+def _proto_paths(message, root: Path) -> None:
+    """Replace the paths in every string field of a protobuf message, recursively."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in (value if field.label == field.LABEL_REPEATED else [value]):
+                _proto_paths(item, root)
+        elif field.type == field.TYPE_STRING:
+            if field.label == field.LABEL_REPEATED:
+                value[:] = [_replace_paths(v.encode(), root).decode() for v in value]
+            else:
+                setattr(message, field.name, _replace_paths(value.encode(), root).decode())
+
+
+_CAFFEMODEL_SHA: dict[Path, dict[bytes, bytes]] = {}
+
+
+def _caffemodel_digests(root: Path) -> dict[bytes, bytes]:
+    """sha256 hex of each caffemodel the side wrote -> a token naming it by its relative path."""
+    if root not in _CAFFEMODEL_SHA:
+        _CAFFEMODEL_SHA[root] = {hashlib.sha256(p.read_bytes()).hexdigest().encode():
+                                 f"<sha256 of {p.relative_to(root / 'out')}>".encode()
+                                 for p in (root / "out").rglob("*.caffemodel")}
+    return _CAFFEMODEL_SHA[root]
+
+
 def normalized(path: Path, root: Path) -> bytes:
     """The file's bytes with the clone's and the output's paths replaced, volatile marker fields dropped."""
     data = path.read_bytes()
     if path.name == ".stage.json":
         marker = json.loads(data)
         return json.dumps({k: v for k, v in marker.items() if k not in MARKER_VOLATILE}, sort_keys=True).encode()
-    for text, token in ((str(root / "repo"), b"<REPO>"), (str(root / "out"), b"<OUT>")):
-        data = data.replace(text.encode(), token)
-    return data
+    if path.suffix in (".caffemodel", ".solverstate"):
+        from caffe.proto import caffe_pb2  # pycaffe: only for these two protobuf files
+
+        message = caffe_pb2.NetParameter() if path.suffix == ".caffemodel" else caffe_pb2.SolverState()
+        message.ParseFromString(data)
+        _proto_paths(message, root)
+        return message.SerializeToString()
+    for digest, token in _caffemodel_digests(root).items():
+        data = data.replace(digest, token)
+    return _replace_paths(data, root)
 
 
 def same_records(a: Path, b: Path) -> bool:
@@ -96,7 +139,7 @@ def compare(before: Path, after: Path) -> tuple[int, list[str], list[str]]:
             continue
         a, b = before / "out" / rel, after / "out" / rel
         if not a.exists() or not b.exists():
-            differ.append(f"{rel}: only in {'after' if not a.exists() else 'before'}")
+            differ.append(f"{rel}: only in {'the new' if not a.exists() else 'the old'} commit's output")
         elif normalized(a, before) == normalized(b, after):
             same += 1
         elif rel.name == "data.mdb" and same_records(a.parent, b.parent):
@@ -118,13 +161,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hcgen-compare-") as tmp:
         base = Path(args.keep) if args.keep else Path(tmp)
-        sides = {"before": args.before, "after": args.after}
+        sides = {"old": args.before, "new": args.after}  # equal lengths: paths inside protobufs keep their sizes
         for side in sides:
             (base / side).mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=2) as pool:  # side by side: the same load on both
             futures = {side: pool.submit(run_commit, commit, base / side, args) for side, commit in sides.items()}
             times = {side: f.result() for side, f in futures.items()}
-        same, differ, notes = compare(base / "before", base / "after")
+        same, differ, notes = compare(base / "old", base / "new")
     print(f"compared {args.before} and {args.after}: {same} files identical, {len(differ)} differ "
           f"(run times, seconds: {times})")
     for line in notes + [f"DIFFERS: {d}" for d in differ]:

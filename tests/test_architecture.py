@@ -19,10 +19,13 @@ ALLOWED = {  # package -> the hcgen packages it may import ("hcgen": the package
     "training": {"backends", "data", "util", "errors"},
     "report": {"data", "stages", "util", "errors", "hcgen"},
     "experiments": {"generate", "training", "data", "backends", "stages", "core", "util", "errors"},
+    "torch": {"core", "backends", "errors"},  # the PyTorch user API (HardPositives), over backends/torch
     "cli": {"experiments", "generate", "training", "report", "backends", "data", "stages", "core", "util", "errors",
             "hcgen"},
 }
-HEAVY = {"caffe": {"backends/pycaffe.py"}, "torch": {"backends/torch.py", "data/torch_dataset.py"},
+HEAVY = {"caffe": {"backends/pycaffe.py"},
+         "torch": {"backends/torch.py", "data/torch_dataset.py", "torch/__init__.py", "torch/engine.py",
+                   "torch/hard_positives.py"},
          "distributed": {"stages/dask_runner.py"}, "dask": {"stages/dask_runner.py"}}
 
 

@@ -24,6 +24,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hcgen.core.methods import parse_methods
+from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb, lmdb_count
+from hcgen.util.locks import check_not_written
+
 FORMATS = ("imagefolder", "npz")
 _RESERVED = ("images", "labels", "key")
 
@@ -81,8 +85,6 @@ def _selected(rows: list[dict], methods: Optional[str], scales: Optional[Sequenc
               min_pass: Optional[float]) -> list[bool]:
     names = None
     if methods is not None:
-        from hcgen.core.methods import parse_methods
-
         names = {m.name for m in parse_methods(methods)}
         present = {r["method"] for r in rows}
         if not names & present:
@@ -120,8 +122,6 @@ def _check_out(out: Path, fmt: str) -> None:
 def export(gen_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, methods: Optional[str] = None,
            scales: Optional[Sequence[float]] = None, min_pass: Optional[float] = None) -> dict:
     """Export the (selected) records of the generation `gen_dir` to `out` in format `fmt`; returns counts."""
-    from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb, lmdb_count
-    from hcgen.util.locks import check_not_written
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")

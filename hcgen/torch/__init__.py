@@ -10,6 +10,7 @@
 `search_batch`, what `hcgen generate --framework torch` needs per batch. This package imports torch (the real
 one: imports are absolute) and is never imported by `import hcgen`.
 """
+
 from hcgen.torch.engine import PixelModel, eval_mode, search_batch
 from hcgen.torch.hard_positives import HardPositives
 

@@ -39,10 +39,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from hcgen.core import search as np_search
 from hcgen.backends.base import softmax_loss_seed
-from hcgen.core.search import Status
 from hcgen.backends.torch import Normalization, normalization_preset
+from hcgen.core import search as np_search
+from hcgen.core.search import Status
 
 __all__ = ["PixelModel", "TensorSearch", "TensorHardPositives", "compute_directions", "adversarial_search",
            "perturb", "hard_positives", "search_batch", "eval_mode", "Status"]

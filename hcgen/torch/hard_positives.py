@@ -16,9 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from hcgen.backends.torch import check_device
+from hcgen.core.methods import parse_methods
+from hcgen.core.metrics import pass_scores
 from hcgen.torch import engine
 from hcgen.torch.engine import F64, PixelModel, Preprocess, canonical, eval_mode, model_device
-from hcgen.backends.torch import check_device
 
 __all__ = ["HardPositives", "HardPositiveInfo", "REASONS"]
 
@@ -95,8 +97,6 @@ class HardPositives:
                  pass_band: Optional[Sequence[float]] = None, *, device: Optional[str] = None,
                  batch_size: int = 256, step0: float = 16.0, growth: float = 3.0,
                  pass_jobs: Optional[int] = 1, band_max_scale: float = 8.0, band_steps: int = 8):
-        from hcgen.core.methods import parse_methods
-
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(methods, str):
@@ -269,8 +269,6 @@ class HardPositives:
         self._checked_shape = tuple(one.shape[1:])
 
     def _pass(self, originals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        from hcgen.core.metrics import pass_scores
-
         a = originals.to(torch.uint8).cpu().numpy()
         b = candidates.to(torch.uint8).cpu().numpy()
         score, _ = pass_scores(_hwc(a), _hwc(b), n_jobs=self.pass_jobs)
