@@ -27,7 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.experiments.table1.protocol import PROFILES, expected_seconds, measured_rates, stage_work, stages
+from hcgen.experiments.table1.estimate import expected_seconds, measured_rates, stage_work
+from hcgen.experiments.table1.protocol import PROFILES, stages
 from hcgen.stages.graph import critical_path_order, simulate, topological
 
 

@@ -1,8 +1,8 @@
 """Import paths of hcgen before its subpackages, kept for one release: each warns and hands over the new code.
 
-``import hcgen.backends.caffe`` (or ``from hcgen.core.search import perturb``) still works, with a
+``import hcgen.caffe_net`` (or ``from hcgen.search import perturb``) still works, with a
 `DeprecationWarning` naming where the code lives now. An old module that moved whole IS the new module
-(``hcgen.core.search is hcgen.core.search``); one that was split into several is a read-only module holding
+(``hcgen.search is hcgen.core.search``); one that was split into several is a read-only module holding
 their names. `MOVED` is the whole list; `install` is called by ``hcgen/__init__.py``.
 """
 from __future__ import annotations
@@ -16,32 +16,32 @@ import warnings
 
 MOVED: dict[str, tuple[str, ...]] = {
     # the user-facing paths that issue 21 promises to keep for one release
-    "hcgen.backends.caffe": ("hcgen.backends.caffe", "hcgen.backends.caffe_checks", "hcgen.training.solver"),
-    "hcgen.backends.torch": ("hcgen.backends.torch",),
-    "hcgen.core.metrics": ("hcgen.core.metrics",),
-    "hcgen.core.search": ("hcgen.core.search",),
-    "hcgen.core.directions": ("hcgen.core.directions",),
-    "hcgen.data.torch_dataset": ("hcgen.data.torch_dataset",),
+    "hcgen.caffe_net": ("hcgen.backends.caffe", "hcgen.backends.caffe_checks", "hcgen.training.solver"),
+    "hcgen.torch_net": ("hcgen.backends.torch",),
+    "hcgen.metrics": ("hcgen.core.metrics",),
+    "hcgen.search": ("hcgen.core.search",),
+    "hcgen.directions": ("hcgen.core.directions",),
+    "hcgen.torch_data": ("hcgen.data.torch_dataset",),
     # the other modules of 0.1.0, for scripts and runs started before the move
-    "hcgen.backends.base": ("hcgen.backends.base",),
-    "hcgen.backends.caffe_checks": ("hcgen.backends.caffe_checks", "hcgen.util.hashing"),
-    "hcgen.data.lmdb_io": ("hcgen.data.lmdb_io", "hcgen.data.mix"),
-    "hcgen.data.mnist": ("hcgen.data.mnist",),
-    "hcgen.data.infimnist": ("hcgen.data.infimnist",),
-    "hcgen.data.images": ("hcgen.data.images",),
-    "hcgen.util.fileio": ("hcgen.util.fileio",),
-    "hcgen.util.locks": ("hcgen.util.locks",),
-    "hcgen.report.gallery": ("hcgen.report.gallery", "hcgen.report.table1_page", "hcgen.report.html",
+    "hcgen.backend": ("hcgen.backends.base",),
+    "hcgen.validate": ("hcgen.backends.caffe_checks", "hcgen.util.hashing"),
+    "hcgen.lmdb_io": ("hcgen.data.lmdb_io", "hcgen.data.mix"),
+    "hcgen.mnist": ("hcgen.data.mnist",),
+    "hcgen.infimnist": ("hcgen.data.infimnist",),
+    "hcgen.images": ("hcgen.data.images",),
+    "hcgen.fileio": ("hcgen.util.fileio",),
+    "hcgen.locks": ("hcgen.util.locks",),
+    "hcgen.gallery": ("hcgen.report.gallery", "hcgen.report.table1_page", "hcgen.report.html",
                       "hcgen.data.genfolder", "hcgen.data.sources"),
     "hcgen.pipeline": (),
-    "hcgen.generate.run": ("hcgen.generate.run", "hcgen.generate.shards", "hcgen.core.methods",
+    "hcgen.pipeline.generate": ("hcgen.generate.run", "hcgen.generate.shards", "hcgen.core.methods",
                                 "hcgen.data.genfolder", "hcgen.data.sources"),
-    "hcgen.training.caffe_train": ("hcgen.training.caffe_train", "hcgen.data.mix"),
-    "hcgen.training.evaluate": ("hcgen.training.evaluate",),
-    "hcgen.stages.graph": ("hcgen.stages.graph",),
-    "hcgen.stages.dask_runner": ("hcgen.stages.dask_runner",),
-    "hcgen.experiments.table1.protocol": ("hcgen.experiments.table1.protocol",),
-    "hcgen.experiments.table1.results": ("hcgen.experiments.table1.results",),
+    "hcgen.pipeline.train": ("hcgen.training.caffe_train", "hcgen.data.mix"),
+    "hcgen.pipeline.evaluate": ("hcgen.training.evaluate",),
+    "hcgen.pipeline.stages": ("hcgen.stages.graph",),
+    "hcgen.pipeline.scale": ("hcgen.stages.dask_runner",),
+    "hcgen.pipeline.table1": ("hcgen.experiments.table1.protocol", "hcgen.experiments.table1.estimate"),
+    "hcgen.pipeline.report": ("hcgen.experiments.table1.results",),
 }
 
 

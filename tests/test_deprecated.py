@@ -11,18 +11,18 @@ from hcgen._deprecated import MOVED
 
 
 @pytest.mark.parametrize("old, new, name", [
-    ("hcgen.core.metrics", "hcgen.core.metrics", "pass_scores"),
-    ("hcgen.core.search", "hcgen.core.search", "adversarial_search"),
-    ("hcgen.core.directions", "hcgen.core.directions", "omega_hc"),
-    ("hcgen.data.torch_dataset", "hcgen.data.torch_dataset", "GeneratedDataset"),
-    ("hcgen.backends.torch", "hcgen.backends.torch", "TorchNet"),
-    ("hcgen.backends.caffe", "hcgen.backends.caffe", "CaffeNet"),
-    ("hcgen.backends.caffe", "hcgen.training.solver", "render_training"),
-    ("hcgen.backends.caffe", "hcgen.backends.caffe_checks", "tiny_net"),
-    ("hcgen.generate.run", "hcgen.core.methods", "parse_methods"),
-    ("hcgen.generate.run", "hcgen.generate.shards", "merge_shards"),
-    ("hcgen.training.caffe_train", "hcgen.data.mix", "mix_training_data"),
-    ("hcgen.report.gallery", "hcgen.report.table1_page", "write_table1_report"),
+    ("hcgen.metrics", "hcgen.core.metrics", "pass_scores"),
+    ("hcgen.search", "hcgen.core.search", "adversarial_search"),
+    ("hcgen.directions", "hcgen.core.directions", "omega_hc"),
+    ("hcgen.torch_data", "hcgen.data.torch_dataset", "GeneratedDataset"),
+    ("hcgen.torch_net", "hcgen.backends.torch", "TorchNet"),
+    ("hcgen.caffe_net", "hcgen.backends.caffe", "CaffeNet"),
+    ("hcgen.caffe_net", "hcgen.training.solver", "render_training"),
+    ("hcgen.caffe_net", "hcgen.backends.caffe_checks", "tiny_net"),
+    ("hcgen.pipeline.generate", "hcgen.core.methods", "parse_methods"),
+    ("hcgen.pipeline.generate", "hcgen.generate.shards", "merge_shards"),
+    ("hcgen.pipeline.train", "hcgen.data.mix", "mix_training_data"),
+    ("hcgen.gallery", "hcgen.report.table1_page", "write_table1_report"),
 ])
 def test_an_old_path_warns_and_gives_the_new_code(old, new, name):
     """Checked in a fresh interpreter: an import is cached, and the warning is given once, on import."""
@@ -44,9 +44,9 @@ def test_a_module_that_moved_whole_is_the_new_module():
 
     import hcgen.core.search
 
-    with pytest.warns(DeprecationWarning) if "hcgen.core.search" not in sys.modules else _nothing():
-        old = importlib.import_module("hcgen.core.search")
-    assert old is hcgen.core.search and sys.modules["hcgen.core.search"] is hcgen.core.search
+    with pytest.warns(DeprecationWarning) if "hcgen.search" not in sys.modules else _nothing():
+        old = importlib.import_module("hcgen.search")
+    assert old is hcgen.core.search and sys.modules["hcgen.search"] is hcgen.core.search
 
 
 class _nothing:

@@ -12,13 +12,14 @@ penultimate layer, the input of the final softmax (Eq. 7 of Rozsa et al., CVPRW 
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from hcgen.errors import BadInput
 
-__all__ = ["Backend", "Preprocessing", "softmax_loss_seed"]
+__all__ = ["Backend", "Preprocessing", "softmax_loss_seed", "check_labels", "scores_in_chunks", "gradients_in_chunks",
+           "loss_gradient_in_chunks"]
 
 
 @runtime_checkable
@@ -81,3 +82,39 @@ def check_labels(labels, n: int, num_classes: int) -> np.ndarray:
     if y.min(initial=0) < 0 or y.max(initial=0) >= num_classes:
         raise BadInput(f"labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
     return y
+
+
+# --- the chunked loops both backends run (CaffeNet, TorchNet): only the per-chunk step is theirs ----------
+
+ForwardChunk = Callable[[np.ndarray], np.ndarray]  # pixels (n, C, H, W) -> scores (n, num_classes)
+# pixels (n, C, H, W) and features_fn(scores of the chunk) -> K feature sets -> (K, n, C, H, W) float64
+BackwardChunk = Callable[[np.ndarray, Callable[[np.ndarray], Sequence[np.ndarray]]], np.ndarray]
+
+
+def scores_in_chunks(x: np.ndarray, batch_size: int, num_classes: int, forward: ForwardChunk) -> np.ndarray:
+    """h(x), float32 (N, num_classes): `forward` on `batch_size` images at a time."""
+    out = np.empty((len(x), num_classes), dtype=np.float32)
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        out[start:start + len(chunk)] = forward(chunk)
+    return out
+
+
+def gradients_in_chunks(x: np.ndarray, batch_size: int, omega: np.ndarray, backward: BackwardChunk) -> np.ndarray:
+    """B_l for K feature sets `omega` (K, N, ...): (K, N, C, H, W) float64, one forward per chunk."""
+    out = np.empty((len(omega),) + x.shape, dtype=np.float64)
+    for start in range(0, len(x), batch_size):
+        stop = start + batch_size
+        out[:, start:stop] = backward(x[start:stop], lambda h: omega[:, start:stop])
+    return out
+
+
+def loss_gradient_in_chunks(x: np.ndarray, y: np.ndarray, batch_size: int, backward: BackwardChunk) -> np.ndarray:
+    """Pixel gradient of the softmax cross-entropy (Eq. 6), (N, C, H, W) float64: each chunk's backward is
+    seeded with `softmax_loss_seed` of its own scores."""
+    out = np.empty(x.shape, dtype=np.float64)
+    for start in range(0, len(x), batch_size):
+        stop = start + batch_size
+        yy = y[start:stop]
+        out[start:stop] = backward(x[start:stop], lambda h: [softmax_loss_seed(h, yy)])[0]
+    return out

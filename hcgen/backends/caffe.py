@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcgen.backends.base import check_labels, softmax_loss_seed
+from hcgen.backends.base import check_labels, gradients_in_chunks, loss_gradient_in_chunks, scores_in_chunks
 from hcgen.backends.pycaffe import caffe, caffe_pb2, text_format
 from hcgen.errors import BadInput, NotFound
 
@@ -180,12 +180,7 @@ class CaffeNet:
 
     def scores(self, pixels: np.ndarray) -> np.ndarray:
         """Penultimate scores h(x), float32 (N, n_classes), for pixel images (N, C, H, W)."""
-        x = self._check(pixels)
-        out = np.empty((len(x), self.num_classes), dtype=np.float32)
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            out[start:stop] = self._forward_chunk(x[start:stop])
-        return out
+        return scores_in_chunks(self._check(pixels), self.batch_size, self.num_classes, self._forward_chunk)
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels, scores): argmax of the penultimate scores (= argmax of the Softmax)."""
@@ -219,19 +214,11 @@ class CaffeNet:
                 f"features must have shape ({len(x)}, {self.num_classes}) or (K, {len(x)}, "
                 f"{self.num_classes}) for {len(x)} images, got {np.shape(features)}"
             )
-        out = np.empty((len(omega),) + x.shape, dtype=np.float64)
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            out[:, start:stop] = self._backward_chunk(x[start:stop], lambda h: omega[:, start:stop])
+        out = gradients_in_chunks(x, self.batch_size, omega, self._backward_chunk)
         return out[0] if single else out
 
     def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
         x = self._check(pixels)
         y = check_labels(labels, len(x), self.num_classes)
-        out = np.empty(x.shape, dtype=np.float64)
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            yy = y[start:stop]
-            out[start:stop] = self._backward_chunk(x[start:stop], lambda h: [softmax_loss_seed(h, yy)])[0]
-        return out
+        return loss_gradient_in_chunks(x, y, self.batch_size, self._backward_chunk)

@@ -68,7 +68,7 @@ def check_prototxt(path: str | os.PathLike, *, need_backward: bool = True):
     path = Path(path)
     if need_backward and not param.force_backward:
         raise BadInput(f"{path} lacks 'force_backward: true'; input gradients would be zero (add the line "
-                         "at the top of the prototxt)")
+                       "at the top of the prototxt)")
     if param.layers:
         raise BadInput(f"{path} uses the legacy V1 'layers' field; upgrade it with Caffe's upgrade_net_proto_text")
     known = set(caffe.layer_type_list())
@@ -86,19 +86,19 @@ def check_prototxt(path: str | os.PathLike, *, need_backward: bool = True):
         for bottom in layer.bottom:
             if bottom not in blobs:
                 raise BadInput(f"{path}: layer {layer.name!r} reads bottom {bottom!r}, which no earlier "
-                                 "layer produces")
+                               "layer produces")
         if layer.type == "Input":
             shapes = layer.input_param.shape
             if len(shapes) not in (1, len(layer.top)) or any(not s.dim for s in shapes):
                 raise BadInput(f"{path}: Input layer {layer.name!r} needs input_param {{ shape {{ dim: N dim: C "
-                                 "dim: H dim: W } }")
+                               "dim: H dim: W } }")
             if any(d <= 0 for s in shapes for d in s.dim):
                 raise BadInput(f"{path}: Input layer {layer.name!r} has a non-positive dimension")
         blobs.update(layer.top)
     inputs = [layer for layer in layers if layer.type == "Input"]
     if len(inputs) + len(param.input) != 1:
         raise BadInput(f"{path} must have exactly one Input layer (the image batch), has "
-                         f"{len(inputs) + len(param.input)}")
+                       f"{len(inputs) + len(param.input)}")
     return param
 
 
@@ -143,20 +143,20 @@ def check_weights(net, params: dict, weights: str | os.PathLike, model: str | os
         if name not in source or not source[name].blobs:
             theirs = ", ".join(n for n, layer in source.items() if layer.blobs)
             raise BadInput(f"{path} has no weights for layer {name!r} of {model} (weights of another net? "
-                             f"its layers with weights: {theirs})")
+                           f"its layers with weights: {theirs})")
         blobs = source[name].blobs
         if len(blobs) != len(shapes):
             raise BadInput(f"{path}: layer {name!r} has {len(blobs)} weight blobs, {model} needs {len(shapes)} "
-                             "(weights of another net?)")
+                           "(weights of another net?)")
         for i, (blob, shape) in enumerate(zip(blobs, shapes)):
             got = _blob_shape(blob)
             if not _same_shape(got, tuple(shape), not blob.HasField("shape")):
                 raise BadInput(f"{path}: layer {name!r} blob {i} has shape {list(got)} but {model} needs "
-                                 f"{list(shape)} (weights of another net?)")
+                               f"{list(shape)} (weights of another net?)")
             values = blob.double_data if len(blob.double_data) else blob.data
             if len(values) != int(np.prod(shape)):
                 raise BadInput(f"{path}: layer {name!r} blob {i} holds {len(values)} values, not "
-                                 f"{int(np.prod(shape))}; the caffemodel is damaged")
+                               f"{int(np.prod(shape))}; the caffemodel is damaged")
 
 
 def check_finite(net, weights: str | os.PathLike) -> None:
@@ -166,7 +166,7 @@ def check_finite(net, weights: str | os.PathLike) -> None:
             values = blob.double_data if len(blob.double_data) else blob.data
             if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
                 raise BadInput(f"{weights}: layer {layer.name!r} blob {i} holds NaN or infinite weights "
-                                 "(a diverged training?)")
+                               "(a diverged training?)")
 
 
 def fatal_line(stderr: str) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from hcgen.backends.base import check_labels, softmax_loss_seed
+from hcgen.backends.base import check_labels, gradients_in_chunks, loss_gradient_in_chunks, scores_in_chunks
 from hcgen.errors import BadInput, NotFound
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
@@ -101,7 +101,7 @@ def check_device(device: str) -> torch.device:
         raise BadInput(f"unknown device {device!r}; use cpu or cuda ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"device {device!r} requested but torch.cuda.is_available() is False (no CUDA GPU, or "
-                         f"a CPU-only torch {torch.__version__}); use --device cpu")
+                       f"a CPU-only torch {torch.__version__}); use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise BadInput(f"device {device!r} is not supported; use cpu or cuda")
     return dev
@@ -155,12 +155,12 @@ class TorchNet:
             score_size = self.layer_shape(self.layer)
             if int(np.prod(score_size)) != self.num_classes:
                 raise BadInput(f"layer {self.layer!r} outputs {int(np.prod(score_size))} values per image but "
-                                 f"the model has {self.num_classes} outputs; choose the layer before the softmax")
+                               f"the model has {self.num_classes} outputs; choose the layer before the softmax")
         else:
             p = out.detach().cpu().numpy().astype(np.float64)
             if self.num_classes > 1 and (p >= 0).all() and abs(p.sum() - 1) < 1e-5:
                 raise BadInput("the model's output looks like probabilities (a softmax); name the module of "
-                                 "its logits with layer= / --layer (the scores are h before the softmax)")
+                               "its logits with layer= / --layer (the scores are h before the softmax)")
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class TorchNet:
         training = [name or type(self.model).__name__ for name, m in self._modules.items() if m.training]
         if training:
             raise BadInput(f"the model is in training mode (modules {', '.join(training[:5])}); dropout and "
-                             "batch norm would make the scores random and batch-dependent: call model.eval() first")
+                           "batch norm would make the scores random and batch-dependent: call model.eval() first")
 
     def _check(self, pixels: np.ndarray) -> np.ndarray:
         x = np.asarray(pixels)
@@ -184,7 +184,7 @@ class TorchNet:
             raise BadInput(f"unknown layer {layer!r}; modules of {type(self.model).__name__}: {names}")
         if self.scripted:
             raise BadInput(f"layer {layer!r}: a TorchScript model runs no forward hooks, so only its output can "
-                             "be the layer; pass the nn.Module (FILE.py:FACTORY) to read an inner module")
+                           "be the layer; pass the nn.Module (FILE.py:FACTORY) to read an inner module")
         return self._modules[layer]
 
     # -- forward --------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class TorchNet:
                 out = self.model(self.preprocessing.apply(pixels))
             if not isinstance(out, torch.Tensor):
                 raise BadInput(f"the model returns {type(out).__name__}, not a tensor of class scores; "
-                                 "name the module of the logits with --layer")
+                               "name the module of the logits with --layer")
             return out, pixels
         captured = []
 
@@ -233,13 +233,13 @@ class TorchNet:
     def scores(self, pixels: np.ndarray) -> np.ndarray:
         """Scores h(x) at `layer`, float32 (N, num_classes), for pixel images (N, C, H, W)."""
         x = self._check(pixels)
-        out = np.empty((len(x), self.num_classes), dtype=np.float32)
+
+        def forward(chunk: np.ndarray) -> np.ndarray:
+            h, _ = self._forward_chunk(chunk, self.layer, grad=False)
+            return h.reshape(len(chunk), -1).cpu().numpy()
+
         with torch.inference_mode():
-            for start in range(0, len(x), self.batch_size):
-                chunk = x[start:start + self.batch_size]
-                h, _ = self._forward_chunk(chunk, self.layer, grad=False)
-                out[start:start + len(chunk)] = h.reshape(len(chunk), -1).cpu().numpy()
-        return out
+            return scores_in_chunks(x, self.batch_size, self.num_classes, forward)
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels, scores): argmax of the scores (= argmax of the softmax)."""
@@ -278,24 +278,15 @@ class TorchNet:
         if omega.shape[1:] != n_shape:
             want = ", ".join(map(str, n_shape))
             raise BadInput(f"features must have shape ({want}) or (K, {want}) for {len(x)} images at layer "
-                             f"{layer or 'output'!r}, got {np.shape(features)}")
-        out = np.empty((len(omega),) + x.shape, dtype=np.float64)
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            out[:, start:stop] = self._backward_chunk(x[start:stop], layer, lambda h: omega[:, start:stop])
+                           f"{layer or 'output'!r}, got {np.shape(features)}")
+        out = gradients_in_chunks(x, self.batch_size, omega, lambda xs, fn: self._backward_chunk(xs, layer, fn))
         return out[0] if single else out
 
     def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """∇ₓJ of the softmax cross-entropy of the scores per image, in pixel units (Eq. 6)."""
         x = self._check(pixels)
         y = check_labels(labels, len(x), self.num_classes)
-        out = np.empty(x.shape, dtype=np.float64)
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            yy = y[start:stop]
-            out[start:stop] = self._backward_chunk(x[start:stop], self.layer,
-                                                   lambda h: [softmax_loss_seed(h, yy)])[0]
-        return out
+        return loss_gradient_in_chunks(x, y, self.batch_size, lambda xs, fn: self._backward_chunk(xs, self.layer, fn))
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -349,7 +340,7 @@ def load_model(spec: str | os.PathLike, weights: Optional[str | os.PathLike] = N
         missing, unexpected = _state_mismatch(model, state)
         if missing or unexpected:
             raise BadInput(f"{wpath} does not fit the model: missing {', '.join(missing) or 'none'}; "
-                             f"unexpected {', '.join(unexpected) or 'none'}")
+                           f"unexpected {', '.join(unexpected) or 'none'}")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

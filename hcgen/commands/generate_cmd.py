@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             raise BadInput("--weights (the trained caffemodel) is required with --framework caffe")
         if args.device != "cpu" or args.preprocess == "torchvision":
             raise BadInput(f"--{'device cuda' if args.device != 'cpu' else 'preprocess torchvision'} needs "
-                             "--framework torch (hcgen's Caffe is a CPU build)")
+                           "--framework torch (hcgen's Caffe is a CPU build)")
         check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
         net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess),
                        layer=args.layer)

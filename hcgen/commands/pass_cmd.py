@@ -71,7 +71,7 @@ def _single(a: Path, b: Path, args: argparse.Namespace) -> int:
     x, y = read_image(a, args.grey), read_image(b, args.grey)
     if x.shape != y.shape:
         raise BadInput(f"{a} is {_shape(x)} but {b} is {_shape(y)}; PASS compares images of the same size"
-                         + ("" if x.shape[:2] != y.shape[:2] else " (pass --grey to compare them as grey)"))
+                       + ("" if x.shape[:2] != y.shape[:2] else " (pass --grey to compare them as grey)"))
     r = {k: v[0].item() for k, v in metrics.pass_report(x[None], y[None], n_jobs=1).items()}
     if args.json:
         print(json.dumps({"original": str(a), "candidate": str(b), **_row(r)}))
@@ -158,7 +158,7 @@ def _score(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], jobs: i
     for i, (name, x, y) in enumerate(zip(names, xs, ys)):
         if x.shape != y.shape:
             raise BadInput(f"{name}: original is {_shape(x)} but candidate is {_shape(y)}; "
-                             "PASS compares images of the same size")
+                           "PASS compares images of the same size")
         groups.setdefault(x.shape, []).append(i)
     with tqdm(total=len(names), desc="scoring", unit="pair", disable=None) as bar:
         for idx in groups.values():

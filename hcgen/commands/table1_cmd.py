@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from hcgen.errors import BadInput
-from hcgen.experiments.table1.protocol import (PROFILES, estimate_for_cli, expected_seconds, measured_rates,
-                                               report_spec, stages)
+from hcgen.experiments.table1.estimate import estimate_for_cli, expected_seconds, measured_rates
+from hcgen.experiments.table1.protocol import PROFILES, report_spec, stages
 from hcgen.experiments.table1.results import write_report
 from hcgen.stages.graph import run_sequential, stage_times
 from hcgen.util.locks import folder_lock

@@ -86,7 +86,7 @@ def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.nda
         raise BadInput(f"labels must be integers, got dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= h.shape[1]):
         raise BadInput(f"labels must lie in [0, {h.shape[1] - 1}] for {h.shape[1]} classes, "
-                         f"got range [{y.min()}, {y.max()}]")
+                       f"got range [{y.min()}, {y.max()}]")
     return h, y.astype(np.int64)
 
 
@@ -99,7 +99,7 @@ def hot_class(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     n = h.shape[1]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise BadInput(f"k must be an integer in [1, {n - 1}] for {n} classes (k = 1 is the most "
-                         f"similar class), got {k!r}")
+                       f"similar class), got {k!r}")
     others = h.copy()
     others[np.arange(len(h)), y] = -np.inf  # the label itself is never hot
     order = np.argsort(-others, axis=1, kind="stable")
@@ -127,7 +127,7 @@ def _backprop(features: np.ndarray, labels: np.ndarray, k: int, backward_from: B
     grad = np.asarray(grad, dtype=np.float64)
     if grad.ndim != 4 or len(grad) != len(omega):
         raise BadInput(f"backward_from must return an image gradient of shape ({len(omega)}, C, H, W) "
-                         f"for omega of shape {omega.shape}, got shape {grad.shape}")
+                       f"for omega of shape {omega.shape}, got shape {grad.shape}")
     return grad
 
 

@@ -125,7 +125,7 @@ def _check_images(x: np.ndarray) -> np.ndarray:
                 raise BadInput("x contains NaN or inf; expected integer pixel values in [0, 255]")
             if (x != np.round(x)).any():
                 raise BadInput("x must hold integer pixel values in [0, 255] (got fractional values; "
-                                 "pass raw pixels, not the net's scaled input)")
+                               "pass raw pixels, not the net's scaled input)")
         lo, hi = x.min(), x.max()
         if lo < 0 or hi > 255:
             raise BadInput(f"x must hold pixel values in [0, 255], got range [{lo}, {hi}]")
@@ -137,7 +137,7 @@ def _check_eta(eta: np.ndarray, x: np.ndarray) -> np.ndarray:
     per_image = eta.ndim == 5 and eta.shape[0] == len(x) and eta.shape[2:] == x.shape[1:]
     if eta.shape != x.shape and not per_image:
         raise BadInput(f"eta must have shape {x.shape} (one direction per image) or "
-                         f"({len(x)}, D, {', '.join(map(str, x.shape[1:]))}) (D per image), got {eta.shape}")
+                       f"({len(x)}, D, {', '.join(map(str, x.shape[1:]))}) (D per image), got {eta.shape}")
     if not np.issubdtype(eta.dtype, np.number) or np.issubdtype(eta.dtype, np.complexfloating):
         raise BadInput(f"eta must be real, got dtype {eta.dtype}")
     eta = eta.astype(np.float64)
@@ -145,7 +145,7 @@ def _check_eta(eta: np.ndarray, x: np.ndarray) -> np.ndarray:
     if not finite.all():
         bad = np.argwhere(~finite)[:10].tolist()
         raise BadInput(f"eta contains NaN or inf in direction(s) {bad}; normalise raw gradients with "
-                         "hcgen.core.directions.normalize, which flags all-zero gradients instead")
+                       "hcgen.core.directions.normalize, which flags all-zero gradients instead")
     return eta
 
 
@@ -165,7 +165,7 @@ def _scores(scores_fn: ScoresFn, batch: np.ndarray, n_classes: Optional[int]) ->
     if s.ndim != 2 or s.shape[0] != len(batch) or (n_classes is not None and s.shape[1] != n_classes):
         want = f"({len(batch)}, {n_classes if n_classes is not None else 'n_classes'})"
         raise BadInput(f"scores_fn must return class scores of shape {want} for a batch of "
-                         f"{len(batch)} images, got shape {s.shape}")
+                       f"{len(batch)} images, got shape {s.shape}")
     if not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
         raise BadInput("scores_fn returned NaN, inf or non-numeric scores")
     return s.astype(np.float64)
@@ -330,7 +330,7 @@ def perturb(x: np.ndarray, eta: np.ndarray, eps: np.ndarray) -> np.ndarray:
         raise BadInput(f"eps must have shape {eta.shape[:-3]} (one per direction), got {eps.shape}")
     if not np.isfinite(eps).all() or (eps < 0).any():
         raise BadInput("eps must be finite and >= 0 (failed searches have eps = NaN; select "
-                         "result.success first)")
+                       "result.success first)")
     xb = xf[:, None] if eta.ndim == 5 else xf
     levels = _levels(eps[..., None, None, None], np.abs(eta), np.where(eta > 0, 255 - xb, xb))
     return (xb + np.sign(eta) * levels).astype(np.uint8)
@@ -371,7 +371,7 @@ def adversarial_search(
         step0 = np.broadcast_to(step0, eta.shape[:-3]).ravel()
     except ValueError:
         raise BadInput(f"step0 must be a scalar or broadcast to the directions' shape {eta.shape[:-3]}, "
-                         f"got shape {step0.shape}") from None
+                       f"got shape {step0.shape}") from None
     if not (np.isfinite(growth) and growth > 1):
         raise BadInput(f"growth must be > 1, got {growth!r}")
 
@@ -385,11 +385,11 @@ def adversarial_search(
         clean_scores = np.asarray(clean_scores, dtype=np.float64)
         if clean_scores.ndim != 2 or len(clean_scores) != len(xf) or not np.isfinite(clean_scores).all():
             raise BadInput(f"clean_scores must be finite scores of shape ({len(xf)}, n_classes) for "
-                             f"the {len(xf)} images, got shape {clean_scores.shape}")
+                           f"the {len(xf)} images, got shape {clean_scores.shape}")
     n_classes = clean_scores.shape[1]
     if y_img.size and y_img.max() >= n_classes:
         raise BadInput(f"labels must lie in [0, {n_classes - 1}] for {n_classes} classes, "
-                         f"got {y_img.max()}")
+                       f"got {y_img.max()}")
 
     shape = eta.shape[:-3]
     n_dir = 1 if eta.ndim == 4 else eta.shape[1]
@@ -536,7 +536,7 @@ def _check_factors(factors: Sequence[float]) -> np.ndarray:
     f = np.atleast_1d(np.asarray(factors, dtype=np.float64))
     if f.ndim != 1 or not f.size or not np.isfinite(f).all() or (f < 1).any():
         raise BadInput(f"factors must be a non-empty list of finite scales >= 1 (paper: 1.05 1.10), "
-                         f"got {np.asarray(factors).tolist()}")
+                       f"got {np.asarray(factors).tolist()}")
     return f
 
 
@@ -566,7 +566,7 @@ def hard_positives(scores_fn: ScoresFn, x: np.ndarray, eta: np.ndarray, labels: 
     y = _check_labels(labels, len(xf))
     if result.eps.shape != eta.shape[:-3]:
         raise BadInput(f"result has shape {result.eps.shape} but eta has {eta.shape[:-3]} directions; "
-                         "pass the eta the search was run with")
+                       "pass the eta the search was run with")
     ok = result.success
     images = scale_perturbation(xf, eta, np.where(ok, result.eps, 0.0), f)
     label = np.broadcast_to(y.reshape((-1,) + (1,) * (eta.ndim - 4)), ok.shape)

@@ -68,7 +68,7 @@ def list_image_folder(path: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
             parts = line.rsplit(None, 1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
                 raise BadInput(f"{listing}:{number}: expected 'relative/path label' with an integer label "
-                                 f">= 0, got {line!r}")
+                               f">= 0, got {line!r}")
             paths.append(folder / parts[0])
             labels.append(int(parts[1]))
         missing = [p for p in paths if not p.is_file()]

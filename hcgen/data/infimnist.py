@@ -136,7 +136,7 @@ def write_infimnist(out: str | os.PathLike, count: int, seed: int = 0, source: s
             found = json.loads(params_path.read_text())
             if found != settings:
                 raise BadInput(f"{out} was generated with {found}, not {settings}; "
-                                 "use another --out or the same settings to resume")
+                               "use another --out or the same settings to resume")
         elif writer.count:
             raise BadInput(f"{out} holds {writer.count} records but no {PARAMS_FILE}; use another --out")
         else:

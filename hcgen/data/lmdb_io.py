@@ -150,7 +150,7 @@ def _decode_batch(keys: list[str], values: list[bytes]) -> tuple[np.ndarray, np.
     for key, d in zip(keys, datums):
         if d.encoded:
             raise BadInput(f"Datum {key} holds an encoded image (convert_imageset --encoded); "
-                             "only raw uint8 data is read")
+                           "only raw uint8 data is read")
     shapes = {(d.channels, d.height, d.width) for d in datums}
     if len(shapes) > 1:
         raise BadInput(f"Datums of different shapes {sorted(shapes)} around key {keys[0]}")
@@ -179,7 +179,7 @@ def require_lmdb(path: str | os.PathLike, role: str, option: str) -> None:
     """FileNotFoundError naming `role` and the `option` to fix it unless `path` is an LMDB; ValueError if damaged."""
     if not is_lmdb(path):
         raise NotFound(f"{role} LMDB not found: {path} (no {DATA_FILE}); pass {option} or build it "
-                                "with `hcgen data mnist` / `hcgen mix`")
+                       "with `hcgen data mnist` / `hcgen mix`")
     lmdb_count(path)  # a damaged or truncated LMDB: a ValueError here, not a crash of a reader such as caffe
 
 
@@ -206,7 +206,7 @@ def _check_size(env: lmdb.Environment, path: Path) -> None:
     if size < needed:
         env.close()
         raise BadInput(f"{path}/data.mdb is truncated ({size} bytes, its pages need {needed}); "
-                         "copy or rebuild the LMDB")
+                       "copy or rebuild the LMDB")
 
 
 def contiguous_count(env: lmdb.Environment, path: Path) -> int:
@@ -218,7 +218,7 @@ def contiguous_count(env: lmdb.Environment, path: Path) -> int:
             last = cur.key() if cur.last() else b""
         if first != key_for(0).encode() or last != key_for(count - 1).encode():
             raise BadInput(f"{path}: keys run {first!r}..{last!r} for {count} records, not contiguous "
-                             "'%08d' keys (as hcgen and convert_mnist_data write them)")
+                           "'%08d' keys (as hcgen and convert_mnist_data write them)")
     return count
 
 
@@ -291,7 +291,7 @@ class MetadataTable:
             self.columns = tuple(header[1:])
             if columns is not None and tuple(columns) != self.columns:
                 raise BadInput(f"{self.path} has columns {list(self.columns)}, not {list(columns)}; "
-                                 "write to a new LMDB or delete the table")
+                               "write to a new LMDB or delete the table")
         elif columns is None:
             raise NotFound(f"no metadata table at {self.path}")
         else:  # a new table, or an empty / partial header left by a crash (no row follows one)

@@ -146,7 +146,7 @@ def mix_training_data(generated: Sequence[str | os.PathLike], out: str | os.Path
             if lacking:
                 where = f"columns of {table}: {', '.join(columns)}" if table.is_file() else f"no {METADATA_FILE}"
                 raise BadInput(f"{path} lacks the metadata column(s) {', '.join(lacking)} "
-                                 f"to filter on ({where})")
+                               f"to filter on ({where})")
     if with_mnist is not None:
         require_lmdb(str(with_mnist), "MNIST training", "--with-mnist")
     method_set = set(methods) if methods is not None else None
@@ -180,7 +180,7 @@ def mix_training_data(generated: Sequence[str | os.PathLike], out: str | os.Path
         if before and previous != settings:
             why = "other settings" if previous is not None else f"unknown settings ({record} missing or damaged)"
             raise BadInput(f"{out} already holds {before} records mixed with {why} (see {record}); "
-                             "write to another LMDB or delete it")
+                           "write to another LMDB or delete it")
         if previous != settings:
             atomic_write_json(record, settings, indent=2)
         filtered = any(needs.values())

@@ -127,7 +127,7 @@ def find_mnist_dir(download: bool = True, cache_dir: str | os.PathLike | None = 
         return download_mnist(searched[-1], mirrors, opener)
     except RuntimeError as exc:
         raise NotFound(f"MNIST files not found in {where}, and {exc}\n"
-                                f"Copy the four *-ubyte.gz files into one of those directories or set ${ENV_VAR}.")
+                       f"Copy the four *-ubyte.gz files into one of those directories or set ${ENV_VAR}.")
 
 
 def _gunzip(name: object, blob: bytes) -> bytes:
@@ -146,17 +146,17 @@ def _check(name: object, raw: bytes, stem: str) -> None:
         raise BadInput(f"{name}: truncated: {len(raw)} bytes is shorter than the IDX header; {_FIX}")
     if raw[:4] != bytes([0, 0, 0x08, ndim]):
         raise BadInput(f"{name}: bad magic {raw[:4].hex()} (expected {bytes([0, 0, 8, ndim]).hex()}: "
-                         f"unsigned-byte IDX with {ndim} dimensions); is this {stem}? {_FIX}")
+                       f"unsigned-byte IDX with {ndim} dimensions); is this {stem}? {_FIX}")
     dims = np.frombuffer(raw[4:4 + 4 * ndim], ">u4")
     expected = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "trailing bytes"
         raise BadInput(f"{name}: {what}: {len(raw)} bytes, the header {tuple(int(d) for d in dims)} "
-                         f"implies {expected}; {_FIX}")
+                       f"implies {expected}; {_FIX}")
     digest = hashlib.md5(raw).hexdigest()
     if digest != MD5[stem]:
         raise BadInput(f"{name}: checksum mismatch: MD5 of the uncompressed content is {digest}, "
-                         f"expected {MD5[stem]}; {_FIX}")
+                       f"expected {MD5[stem]}; {_FIX}")
 
 
 def read_idx(directory: str | os.PathLike, stem: str) -> np.ndarray:
@@ -207,7 +207,7 @@ def convert_mnist(out_dir: str | os.PathLike, source: str | os.PathLike | None =
             count = lmdb_count(target)
             if count != SIZES[split]:
                 raise BadInput(f"{target} exists but holds {count} records, not {SIZES[split]}; "
-                                 "rerun with --force to rewrite it")
+                               "rerun with --force to rewrite it")
         else:
             todo[split] = target
     data = {split: load_mnist(source, split) for split in todo}

@@ -42,7 +42,7 @@ def load_source(source: str | os.PathLike | None, split: str = "train") -> tuple
         return imageio.load_image_folder(path)
     if path is not None and path.is_dir() and missing_files(path):
         raise BadInput(f"--input {path} is neither an LMDB (no data.mdb), a folder of JPEG/PNG images, nor a "
-                         "folder of MNIST IDX files")
+                       "folder of MNIST IDX files")
     images, labels = load_mnist(source, split)
     return images[:, None], labels.astype(np.int64)
 

@@ -52,7 +52,7 @@ class GeneratedDataset(Dataset):
         self.path = Path(lmdb_dir)
         if not (self.path / "data.mdb").is_file():
             raise NotFound(f"no LMDB at {self.path} (expected {self.path / 'data.mdb'}; "
-                                    "write one with `hcgen generate`)")
+                           "write one with `hcgen generate`)")
         table = self.path / METADATA_FILE
         if not table.is_file():
             raise NotFound(f"{self.path} has no {METADATA_FILE}: not an `hcgen generate` output")
@@ -66,7 +66,7 @@ class GeneratedDataset(Dataset):
             unknown = [n for n in names if n not in present]
             if unknown:
                 raise BadInput(f"no records of method {', '.join(unknown)} in {self.path} "
-                                 f"(it holds {', '.join(present) or 'no records'})")
+                               f"(it holds {', '.join(present) or 'no records'})")
         scale_set = None if scales is None else {float(s) for s in scales}
         if min_pass is not None and not -1.0 <= float(min_pass) <= 1.0:
             raise BadInput(f"min_pass must be in [-1, 1] (PASS is an SSIM), got {min_pass}")

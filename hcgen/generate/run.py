@@ -209,13 +209,13 @@ def _open_settings(out: Path, record: dict) -> None:
         except ValueError:  # an empty or partial file (written in place by an earlier hcgen)
             if lmdb_count(out) or genfolder.read_done(out):
                 raise BadInput(f"{settings_file} is damaged and {out} holds records; the run cannot be "
-                                 "resumed safely: use another --out or delete this one") from None
+                               "resumed safely: use another --out or delete this one") from None
     else:
         foreign = sorted(p.name for p in out.iterdir() if p.name in genfolder.OWN_FILES - {LOCK_FILE}
                          or not p.name.startswith("."))
         if foreign:
             raise BadInput(f"{out} is not empty ({', '.join(foreign[:3])}) and holds no `hcgen generate` run "
-                             f"(no {genfolder.SETTINGS_FILE}); use a new or empty --out")
+                           f"(no {genfolder.SETTINGS_FILE}); use a new or empty --out")
     if previous is None:
         atomic_write_json(settings_file, record)
         return
@@ -223,7 +223,7 @@ def _open_settings(out: Path, record: dict) -> None:
     if changed:
         names = ", ".join(c.split(":")[0] for c in changed)
         raise BadInput(f"{out} holds a generation with other settings ({names}): {'; '.join(changed)}; "
-                         "use another --out or the same options and files to resume")
+                       "use another --out or the same options and files to resume")
 
 
 def generate(net: Backend, settings: GenerateSettings, out: str | os.PathLike,
@@ -303,8 +303,8 @@ def check_source(images: np.ndarray, labels: np.ndarray, net: Backend, source) -
     if shape[:1] != want[:1] and len(want) == 3:
         kind = {1: "grey (1 channel)", 3: "colour (3 channels)"}
         raise BadInput(f"{where} holds {kind.get(shape[0], f'{shape[0]}-channel')} images {shape} but the net "
-                         f"takes {kind.get(want[0], f'{want[0]}-channel')} input {want}; use a matching source "
-                         "or net (and --preprocess)")
+                       f"takes {kind.get(want[0], f'{want[0]}-channel')} input {want}; use a matching source "
+                       "or net (and --preprocess)")
     if shape != want:
         raise BadInput(f"{where} holds images of shape {shape} but the net takes {want}")
     classes = net.num_classes

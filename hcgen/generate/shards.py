@@ -84,7 +84,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     if any(c != common[0] for c in common):
         diff = sorted(k for c in common for k in set(c) | set(common[0]) if c.get(k) != common[0].get(k))
         raise BadInput(f"the shards were generated with different settings ({', '.join(dict.fromkeys(diff))}); "
-                         "they cannot be merged")
+                       "they cannot be merged")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotAFolder(f"--out {out} is a file; merge writes an LMDB folder: choose another path")
@@ -109,7 +109,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         if (out / MERGE_FILE).exists():
             if json.loads((out / MERGE_FILE).read_text()) != plan:
                 raise BadInput(f"{out} holds an unfinished merge of other shards ({out / MERGE_FILE}); "
-                                 "merge into a new folder")
+                               "merge into a new folder")
         else:
             present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
             if present:

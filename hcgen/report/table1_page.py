@@ -30,9 +30,9 @@ def find_stage_folder(work: Path) -> Path:
         return profiles[0]
     if profiles:
         raise BadInput(f"{work} holds the Table 1 work folders of several profiles "
-                         f"({', '.join(p.name for p in profiles)}); pass one, e.g. {profiles[0]}")
+                       f"({', '.join(p.name for p in profiles)}); pass one, e.g. {profiles[0]}")
     raise BadInput(f"{work} is neither an `hcgen generate` output (no {SETTINGS_FILE}) nor a Table 1 work "
-                     f"folder (no stage folders with a {STAGE_MARKER})")
+                   f"folder (no stage folders with a {STAGE_MARKER})")
 
 
 def _results_folder(work: Path, results: Optional[str | os.PathLike]) -> tuple[Optional[Path], list[Path]]:

@@ -197,7 +197,7 @@ def _check_labels(path: str, classes: int | None, option: str) -> None:
         bad = np.flatnonzero((labels < 0) | (labels >= classes))
         if len(bad):
             raise BadInput(f"{path} ({option}): record {keys[bad[0]]} has label {labels[bad[0]]}, outside the "
-                             f"net's {classes} classes [0, {classes}); an LMDB of another task?")
+                           f"net's {classes} classes [0, {classes}); an LMDB of another task?")
 
 
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
@@ -254,7 +254,7 @@ def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | o
     tested = reference.test_iter and {"TRAIN", "TEST"} <= set(rendered.sources)
     if tested and Path(rendered.sources["TEST"]).resolve() == Path(rendered.sources["TRAIN"]).resolve():
         raise BadInput(f"the training and test LMDB are both {rendered.sources['TRAIN']}: this Caffe hangs "
-                         "opening one LMDB twice; pass another --test (a copy will do)")
+                       "opening one LMDB twice; pass another --test (a copy will do)")
     header = (f"# written by hcgen train from {solver_path}; "
               f"{f'fine-tuning {weights_path}' if weights_path else 'random initialization'}\n")
     solver_text = header + rendered.solver
@@ -272,7 +272,7 @@ def _run_caffe_train(out, solver_text, rendered, prefix, weights_path, seed, bla
     if old not in (None, solver_text) or old_net not in (None, rendered.net):
         if _snapshots(prefix):
             raise BadInput(f"{out} holds snapshots of a run with different settings (see {out / SOLVER_FILE}); "
-                             "use another output directory or delete it")
+                           "use another output directory or delete it")
     atomic_write(out / SOLVER_FILE, solver_text)
     atomic_write(out / NET_FILE, rendered.net)
 
@@ -331,7 +331,7 @@ def _run_caffe_train(out, solver_text, rendered, prefix, weights_path, seed, bla
         raise ExternalFailure(f"caffe train left no snapshot in {out}: {_last_error(tail)} (the whole log: {log})")
     if final[0] < rendered.max_iter:
         raise ExternalFailure(f"caffe train stopped early (interrupted?) and saved {final[1]}; "
-                           "rerun the same command to resume")
+                              "rerun the same command to resume")
     return TrainResult("resumed" if resumed else "trained", final[1].with_suffix(".caffemodel"),
                        final[1], log, seed, rendered.max_iter, latest[0] if latest else 0,
                        parser.losses, parser.tests, seconds)

@@ -66,7 +66,7 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
             if labels.min() < 0 or labels.max() >= net.num_classes:
                 bad = int(labels[(labels < 0) | (labels >= net.num_classes)][0])
                 raise BadInput(f"{path}: label {bad} is outside the net's {net.num_classes} classes; "
-                                 "an LMDB of another task?")
+                               "an LMDB of another task?")
             wrong = net.predict(images)[0] != labels
             records += len(labels)
             errors += int(wrong.sum())
@@ -80,8 +80,8 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
                     if len(bad):
                         i = bad[0]
                         raise BadInput(f"{path}: record {keys[i]} has label {labels[i]} but {METADATA_FILE} "
-                                         f"says {rows[i]['label']}; the LMDB and its metadata do not "
-                                         "belong together")
+                                       f"says {rows[i]['label']}; the LMDB and its metadata do not "
+                                       "belong together")
             if columns:
                 names, which = np.unique([" ".join(r[c] for c in columns) for r in rows], return_inverse=True)
                 for name, n, e in zip(names, np.bincount(which), np.bincount(which, weights=wrong)):

@@ -42,14 +42,14 @@ def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snap
     param = read_solver_parameter(solver)
     if not param.net or param.HasField("net_param") or param.train_net or param.test_net:
         raise BadInput(f"{solver} must name its train/test net with a single 'net:' field "
-                         "(train_net, test_net and inline net_param are not supported)")
+                       "(train_net, test_net and inline net_param are not supported)")
     net_path = Path(param.net)
     if not net_path.is_absolute():
         candidates = [Path(solver).parent / net_path, Path.cwd() / net_path]
         found = [p for p in candidates if p.is_file()]
         if not found:
             raise NotFound(f"net {param.net!r} named by {solver} not found "
-                                    f"(looked in {', '.join(str(p.parent) for p in candidates)})")
+                           f"(looked in {', '.join(str(p.parent) for p in candidates)})")
         net_path = found[0]
     elif not net_path.is_file():
         raise NotFound(f"net {net_path} named by {solver} not found")
@@ -71,7 +71,7 @@ def render_training(solver: str | os.PathLike, net_copy: str | os.PathLike, snap
     missing = sorted(set(wanted) - set(effective))
     if missing:
         raise BadInput(f"{net_path} has no {' or '.join(missing)}-phase Data layer to read "
-                         f"{', '.join(str(wanted[m]) for m in missing)} from")
+                       f"{', '.join(str(wanted[m]) for m in missing)} from")
     param.net = str(Path(net_copy).absolute())
     param.snapshot_prefix = snapshot_prefix
     param.random_seed = random_seed

@@ -47,7 +47,7 @@ def _open(path: Path) -> int:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise NoPermission(f"cannot write in {path.parent} ({exc.strerror}); "
-                                  "choose a folder you can write to") from None
+                               "choose a folder you can write to") from None
         raise
 
 
@@ -67,7 +67,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise NoPermission(f"cannot create {folder} ({exc.strerror}); "
-                                  "choose a folder you can write to") from None
+                               "choose a folder you can write to") from None
         if exc.errno == errno.ENOTDIR:
             raise NotAFolder(f"{folder}: a parent of it is a file; choose another output path") from None
         raise

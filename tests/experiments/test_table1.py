@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from hcgen.data.lmdb_io import MetadataTable, lmdb_count
+from hcgen.experiments.table1 import estimate
 from hcgen.experiments.table1 import protocol as table1
 from hcgen.stages import graph as stages
 from hcgen.experiments.table1.results import write_report
@@ -122,9 +123,9 @@ def test_estimate_replays_the_measured_run(tiny_run):
     """Estimating a profile from its own run: one worker takes exactly the measured stage time; two
     workers take at least half of it and at least the longest chain of stages."""
     profile, graph, work, _, _ = tiny_run
-    rates = table1.measured_rates(work, profile)
+    rates = estimate.measured_rates(work, profile)
     assert {"training iterations", "searches", "mixed records", "evaluated images"} <= set(rates)
-    durations = {n: rates[table1.stage_work(n, s.params, profile)[0]][0] * table1.stage_work(n, s.params, profile)[1]
+    durations = {n: rates[estimate.stage_work(n, s.params, profile)[0]][0] * estimate.stage_work(n, s.params, profile)[1]
                  for n, s in graph.items()}
     measured = sum(stages.stage_times(graph, work).values())
     deps = {n: tuple(s.deps) for n, s in graph.items()}
@@ -134,7 +135,7 @@ def test_estimate_replays_the_measured_run(tiny_run):
     chain = durations["order1"] + durations["base1"] + durations["gen-train1"] + durations["tau"] + \
         durations["mix-FGS-net1-order1"] + durations["ft-FGS-net1-order1"] + durations["eval-FGS-net1-order1"]
     assert max(measured / 2, chain) - 1e-9 <= two < measured
-    left, wall, calibrated = table1.estimate(graph, profile, work, 2)
+    left, wall, calibrated = estimate.estimate(graph, profile, work, 2)
     assert (left, wall, calibrated) == (0.0, 0.0, True)  # everything finished: nothing left
 
 
@@ -207,8 +208,8 @@ def test_sharded_generation_stages_merge_to_the_unsharded_records(tiny_run, tmp_
         assert n > 0 and lmdb_count(b) == n
         assert read_raw(a, list(range(n))) == read_raw(b, list(range(n)))  # the Datums, in key order
         assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
-    assert table1.stage_work("gen-train1-shard0", graph["gen-train1-shard0"].params, profile)[1] == \
-        table1.stage_work("gen-train1", table1.stages(profile)["gen-train1"].params, profile)[1] / 2
+    assert estimate.stage_work("gen-train1-shard0", graph["gen-train1-shard0"].params, profile)[1] == \
+        estimate.stage_work("gen-train1", table1.stages(profile)["gen-train1"].params, profile)[1] / 2
 
 
 def test_ctrl_c_stops_a_dask_run_cleanly(tmp_path):
@@ -322,7 +323,7 @@ def test_paper_rows_profile_has_the_papers_sizes_for_its_rows():
     spec = table1.report_spec(p)
     assert spec["claims"] and spec["bins"] == [] and "images only" in spec["description"]
     # the ablation's mix holds the row's images and no digits; the full row's holds both
-    kind, size = table1.stage_work("mix-HC-D-9-1.05-only-net1-order1", only, p)
+    kind, size = estimate.stage_work("mix-HC-D-9-1.05-only-net1-order1", only, p)
     assert (kind, size) == ("mixed records", 9 * 60_000)
 
 
@@ -354,7 +355,7 @@ def test_critical_path_order_runs_the_long_chain_first():
     # the paper-rows graph on 2 workers: never worse than graph order, and close to half the work
     p = table1.PROFILES["paper-rows"]
     g = table1.stages(p)
-    d = table1.expected_seconds(g, p)
+    d = estimate.expected_seconds(g, p)
     gdeps = {n: tuple(st.deps) for n, st in g.items()}
     topo = stages.topological(g)
     best = stages.simulate(d, gdeps, stages.critical_path_order(d, gdeps, topo), 2)
@@ -480,16 +481,16 @@ def test_estimate_takes_rates_from_other_profiles_runs_beside_it(tiny_run, tmp_p
 
     profile, _, work, _, _ = tiny_run
     (tmp_path / "tiny").symlink_to(work)
-    rates, used = table1.sibling_rates(tmp_path / "quick")
+    rates, used = estimate.sibling_rates(tmp_path / "quick")
     assert used == ["tiny"]
-    assert rates["training iterations"] == pytest.approx(table1.measured_rates(work, profile)["training iterations"][0])
+    assert rates["training iterations"] == pytest.approx(estimate.measured_rates(work, profile)["training iterations"][0])
     assert main(["table1", "--profile", "quick", "--work", str(tmp_path), "--dask", "--workers", "2",
                  "--estimate"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("expected: ~") and f"rates from the finished tiny run(s) in {tmp_path}" in out
-    left, wall, source = table1.estimate_for_cli(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"],
+    left, wall, source = estimate.estimate_for_cli(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"],
                                                  tmp_path / "quick", 2)
-    durations = table1.expected_seconds(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"], rates)
+    durations = estimate.expected_seconds(table1.stages(table1.PROFILES["quick"]), table1.PROFILES["quick"], rates)
     assert left == pytest.approx(sum(durations.values())) and 0 < wall < left
     assert not (tmp_path / "quick").exists()  # nothing ran, nothing was written
 

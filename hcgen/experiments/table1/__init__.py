@@ -1,1 +1,1 @@
-"""Table 1 of the paper (Sec. 5.2): the protocol as a stage graph (protocol) and its results (results)."""
+"""Table 1 of the paper (Sec. 5.2): the protocol as a stage graph (protocol), its time (estimate), its results (results)."""
