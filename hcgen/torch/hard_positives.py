@@ -45,6 +45,24 @@ class HardPositiveInfo:
     pass_: torch.Tensor
 
 
+class _Clock:
+    """Seconds per part of a call, in wall time and in this thread's CPU time (torch's intra-op work with one
+    thread and the OpenCV PASS with pass_jobs=1 run in the calling thread: the work itself on a shared machine)."""
+
+    def __init__(self, parts):
+        self.wall = dict.fromkeys(parts, 0.0)
+        self.cpu = dict.fromkeys(parts, 0.0)
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def add(self, part: str, since: tuple[float, float]) -> None:
+        wall, cpu = self.now()
+        self.wall[part] = self.wall.get(part, 0.0) + wall - since[0]
+        self.cpu[part] = self.cpu.get(part, 0.0) + cpu - since[1]
+
+
 def _hwc(images: np.ndarray) -> np.ndarray:
     """(M, C, H, W) -> (M, H, W) grey or (M, H, W, C) colour, as hcgen.core.metrics expects."""
     return images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
@@ -81,7 +99,8 @@ class HardPositives:
     ``x_hp`` (M, C, H, W) with x's dtype (uint8 stays uint8, a float batch gets floats holding integer
     pixel values: uint8-exact either way), ordered by source image, then method, then scale; ``y_hp`` the
     sources' original labels (int64). ``hp.last_stats`` counts what was kept and why the rest was not
-    (`REASONS`) and where the time went; ``hp.last_info`` (`HardPositiveInfo`) describes each row.
+    (`REASONS`) and where the time went (``seconds``: wall, ``cpu_seconds``: this thread's CPU);
+    ``hp.last_info`` (`HardPositiveInfo`) describes each row.
 
     Train / eval mode: the search runs with every module in eval mode (dropout off, batch norm on its
     running statistics, which are not updated), inside `hcgen.torch.engine.eval_mode`, which restores
@@ -180,10 +199,11 @@ class HardPositives:
         out_dtype = x.dtype
         dev = self.pm.device
         D = len(self.methods)
-        t0 = time.perf_counter()
-        times = {"scores": 0.0, "directions": 0.0, "search": 0.0, "scale": 0.0, "pass": 0.0}
+        clock = _Clock(("scores", "directions", "search", "scale", "pass"))
+        t0 = clock.now()
         stats = {"images": len(x), "searches": 0, "found": 0, "candidates": 0, "kept": 0,
-                 "dropped": dict.fromkeys(REASONS, 0), "forwards": 0, "seconds": times}
+                 "dropped": dict.fromkeys(REASONS, 0), "forwards": 0, "seconds": clock.wall,
+                 "cpu_seconds": clock.cpu}
         xd = canonical(x, torch.float32, dev)
         yd = y.to(dev)
         empty = (x.new_empty((0,) + tuple(x.shape[1:])).to(dev), torch.empty(0, dtype=torch.int64, device=dev))
@@ -192,7 +212,7 @@ class HardPositives:
             self.last_stats = stats
             return empty
         with eval_mode(self.model):
-            t = time.perf_counter()
+            t = clock.now()
             h = self.pm.scores(xd).to(F64)
             n_classes = h.shape[1]
             self._check_layer_width(xd[:1], n_classes)
@@ -206,18 +226,18 @@ class HardPositives:
             src = torch.nonzero(correct).flatten()
             stats["dropped"]["misclassified_source"] = len(x) - len(src)
             stats["forwards"] += len(x)
-            times["scores"] = time.perf_counter() - t
+            clock.add("scores", t)
             if not len(src):
                 self.last_stats = stats
                 return empty
             xs, ys, hs = xd[src], yd[src], h[src]
-            t = time.perf_counter()
+            t = clock.now()
             eta, _ = engine.compute_directions(self.pm, xs, ys, hs, self.methods)
-            times["directions"] = time.perf_counter() - t
-            t = time.perf_counter()
+            clock.add("directions", t)
+            t = clock.now()
             res = engine.adversarial_search(self.pm, xs, eta, ys, clean_scores=hs, step0=self.step0,
                                             growth=self.growth)
-            times["search"] = time.perf_counter() - t
+            clock.add("search", t)
         self.last_search, self.last_directions = res, eta
         stats["searches"] = int(res.status.numel())
         stats["forwards"] += int(res.forwards.sum())
@@ -227,7 +247,7 @@ class HardPositives:
         stats["dropped"]["null_direction"] = int((res.status == engine.Status.NULL_DIRECTION).sum())
         n_idx, d_idx = torch.nonzero(ok, as_tuple=True)
         eps = res.eps[n_idx, d_idx]
-        t = time.perf_counter()
+        t = clock.now()
         if self.pass_band is None:
             F = len(self.scales)
             scale = torch.tensor(self.scales, dtype=F64, device=dev)
@@ -236,23 +256,23 @@ class HardPositives:
             ss = scale.repeat(len(n_idx))
             e = eps.repeat_interleave(F)
             images = engine.perturb(xs[nn], eta[nn, dd], ss * e)
-            times["scale"] = time.perf_counter() - t
+            clock.add("scale", t)
             stats["candidates"] = len(images)
             pas = torch.full((len(images),), math.nan, dtype=F64, device=dev)
             keep = torch.ones(len(images), dtype=torch.bool, device=dev)
             if self.tau is not None and len(images):
-                t = time.perf_counter()
+                t = clock.now()
                 pas = self._pass(xs[nn], images)
-                times["pass"] = time.perf_counter() - t
+                clock.add("pass", t)
                 keep = pas >= self.tau
                 stats["dropped"]["below_tau"] = int((~keep).sum())
         else:
             nn, dd, e = n_idx, d_idx, eps
-            images, ss, pas, keep = self._band(xs, eta, nn, dd, e, times, stats)
+            images, ss, pas, keep = self._band(xs, eta, nn, dd, e, clock, stats)
         images, nn, dd, ss, e, pas = (v[keep] for v in (images, nn, dd, ss, e, pas))
         stats["kept"] = len(images)
         self.last_info = HardPositiveInfo(source=src[nn], row=nn, method=dd, scale=ss, eps=e, pass_=pas)
-        stats["seconds"]["total"] = time.perf_counter() - t0
+        clock.add("total", t0)
         self.last_stats = stats
         x_hp = images.to(torch.uint8) if out_dtype == torch.uint8 else images.to(out_dtype)
         return x_hp, ys[nn].clone()
@@ -274,7 +294,7 @@ class HardPositives:
         score, _ = pass_scores(_hwc(a), _hwc(b), n_jobs=self.pass_jobs)
         return torch.from_numpy(score).to(self.pm.device)
 
-    def _band(self, xs, eta, nn, dd, eps, times, stats):
+    def _band(self, xs, eta, nn, dd, eps, clock, stats):
         """Per minimal adversarial, a scale s in [1, band_max_scale] with PASS(perturb(x, eta, s eps)) in the
         band: PASS at 1, at band_max_scale, then bisection in log s (PASS falls as s grows)."""
         low, high = self.pass_band
@@ -284,12 +304,12 @@ class HardPositives:
         x0, rays = xs[nn], eta[nn, dd]
 
         def score(rows: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            t = time.perf_counter()
+            t = clock.now()
             img = engine.perturb(x0[rows], rays[rows], s * eps[rows])
-            times["scale"] += time.perf_counter() - t
-            t = time.perf_counter()
+            clock.add("scale", t)
+            t = clock.now()
             p = self._pass(x0[rows], img)
-            times["pass"] += time.perf_counter() - t
+            clock.add("pass", t)
             return img, p
 
         shape = tuple(xs.shape[1:])

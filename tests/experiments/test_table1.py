@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -152,7 +153,28 @@ def test_estimate_script_prints_the_target_profile(tiny_run, capsys, monkeypatch
     est.main()  # the tiny profile has no merges: those take hcgen's default rates
     out = capsys.readouterr().out
     assert "InfiMNIST-style images" in out and "merged records" in out and "(not measured in --work" in out
-    assert "estimated wall time with 2 worker(s)" in out
+
+
+def test_estimate_script_takes_a_runs_stage_times_json(tmp_path):
+    """--times: the rates of a stage_times.json are those measured_rates reads from the run's own markers."""
+    profile = table1.PROFILES["tiny"]
+    graph = table1.stages(profile)
+    keys = stages.folders(graph)
+    times = {"base1": 4.0, "ft-FGS-net1-order1": 2.0, "gen-train1": 3.0, "eval-base1": 0.5}
+    for name, seconds in times.items():
+        (tmp_path / keys[name]).mkdir()
+        (tmp_path / keys[name] / stages.DONE).write_text(json.dumps(
+            {"stage": name, "params": graph[name].params, "seconds": seconds}, default=str))
+    est = _estimator()
+    got, want = est.rates_from_times(times, profile), table1.measured_rates(tmp_path, profile)
+    assert set(got) == set(want) == {"training iterations", "searches", "evaluated images"}
+    for kind in got:
+        assert got[kind] == pytest.approx(want[kind])
+    assert got["training iterations"] == pytest.approx((6.0 / 250, 6.0, 2))  # 200 + 50 iterations
+    committed = json.loads((Path(__file__).resolve().parents[1] / "docs" / "table1-medium" / "stage_times.json")
+                           .read_text())
+    rates = est.rates_from_times(committed, table1.PROFILES["medium"])
+    assert rates["training iterations"][2] == 72 and rates["searches"][2] == 3
 
 
 def test_cli_estimate_prints_and_runs_nothing(tiny_run, tmp_path, capsys):
