@@ -166,12 +166,12 @@ def test_estimate_script_takes_a_runs_stage_times_json(tmp_path):
         (tmp_path / keys[name] / stages.DONE).write_text(json.dumps(
             {"stage": name, "params": graph[name].params, "seconds": seconds}, default=str))
     est = _estimator()
-    got, want = est.rates_from_times(times, profile), table1.measured_rates(tmp_path, profile)
+    got, want = est.rates_from_times(times, profile), estimate.measured_rates(tmp_path, profile)
     assert set(got) == set(want) == {"training iterations", "searches", "evaluated images"}
     for kind in got:
         assert got[kind] == pytest.approx(want[kind])
     assert got["training iterations"] == pytest.approx((6.0 / 250, 6.0, 2))  # 200 + 50 iterations
-    committed = json.loads((Path(__file__).resolve().parents[1] / "docs" / "table1-medium" / "stage_times.json")
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "table1-medium" / "stage_times.json")
                            .read_text())
     rates = est.rates_from_times(committed, table1.PROFILES["medium"])
     assert rates["training iterations"][2] == 72 and rates["searches"][2] == 3
@@ -525,7 +525,7 @@ def test_compare_runs_recomputes_claims_from_older_table1_json(tmp_path):
 
     from hcgen.experiments.table1.results import load_numbers
 
-    committed = Path(__file__).resolve().parents[1] / "docs" / "table1-medium" / "table1.json"
+    committed = Path(__file__).resolve().parents[2] / "docs" / "table1-medium" / "table1.json"
     rows, bins = load_numbers(committed)
     assert rows["Basic LeNet"]["units"] == [[1, None], [2, None], [3, None]]
     assert rows["FGS"]["units"][:4] == [[1, 1], [1, 2], [1, 3], [2, 1]] and "units" not in rows["InfiMNIST-style"]
@@ -534,7 +534,7 @@ def test_compare_runs_recomputes_claims_from_older_table1_json(tmp_path):
     flipped["rows"]["HC-D-9-1.05"]["adversarial"] = [v - 5.0 for v in data["rows"]["HC-D-9-1.05"]["adversarial"]]
     other = tmp_path / "table1.json"
     other.write_text(json.dumps(flipped))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_table1_runs.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "compare_table1_runs.py"
     spec = importlib.util.spec_from_file_location("compare_table1_runs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
