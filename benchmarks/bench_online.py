@@ -11,7 +11,7 @@ weight decay 5e-4, batches of 64 MNIST training digits):
             to the budget), then batches of 64 drawn from MNIST + them (the Table 1 row HC-D-9-1.05, small);
   online    `hcgen.torch.HardPositives(model, "hc-d:1-9", scales=(1.05,))` on the CURRENT weights at every step,
             for the first `online_sources` digits of the batch: the step trains on the 64 digits + their hard
-            positives;
+            positives (`--methods online@k=N,tau=T`: a variant row with N digits, PASS >= T);
   art-fgsm  ART 1.20 `AdversarialTrainer(classifier, FastGradientMethod(eps), ratio=0.5)`, one batch per call;
   art-pgd   ART 1.20 `AdversarialTrainerMadryPGD(eps, eps_step=eps/4, max_iter=7)` (ART's defaults), likewise;
   art-pgd@eps_fgs  the same at eps_FGS, the median L-inf of the FGS minimal adversarials alone (a smaller eps:
@@ -285,6 +285,19 @@ def train_step(model, opt, x_pixels: torch.Tensor, y: torch.Tensor) -> None:
     opt.step()
 
 
+def online_variant(method: str) -> dict:
+    """'online@k=1,tau=0.8' -> {'k': '1', 'tau': '0.8'} (a variant row of online); 'online' -> {}."""
+    if method == "online":
+        return {}
+    spec = method.split("@", 1)[1] if method.startswith("online@") else ""
+    pairs = [p.split("=", 1) for p in spec.split(",") if p]
+    if not pairs or any(len(p) != 2 or p[0] not in ("k", "tau") for p in pairs):
+        raise ValueError(f"bad online variant {method!r}; write online@k=N or online@k=N,tau=T")
+    variant = dict(pairs)
+    int(variant.get("k", 1)), float(variant.get("tau", 0))  # numbers, or ValueError
+    return variant
+
+
 def make_stepper(method: str, model, ctx: Context, profile: Profile, seed: int, info: dict) -> Callable[[], None]:
     """The row's step function; work it must do once (the offline generation) happens on the first call,
     inside the budget."""
@@ -297,13 +310,15 @@ def make_stepper(method: str, model, ctx: Context, profile: Profile, seed: int, 
             train_step(model, opt, ctx.train_x[idx], ctx.train_y[idx])
         return step
 
-    if method == "online":
+    if method == "online" or method.startswith("online@"):
         from hcgen.torch import HardPositives
 
         opt = sgd(model)
-        hp = HardPositives(model, methods="hc-d:1-9", scales=(1.05,), tau=None, preprocess="lenet")
-        k = profile.online_sources
-        info.update(hard_positives=0, hp_seconds=0.0, online_sources=k)
+        variant = online_variant(method)
+        k, tau = int(variant.get("k", profile.online_sources)), variant.get("tau")
+        hp = HardPositives(model, methods="hc-d:1-9", scales=(1.05,), tau=None if tau is None else float(tau),
+                           preprocess="lenet")
+        info.update(hard_positives=0, hp_seconds=0.0, online_sources=k, tau=tau)
 
         def step():
             idx = batches.next()
@@ -506,7 +521,8 @@ def _ms(values: Sequence[float], pct: bool = True, digits: int = 2) -> str:
 
 
 def summarize(rows: list[dict], base_rows: list[dict], settings: dict) -> tuple[dict, str]:
-    by = {m: sorted([r for r in rows if r["method"] == m], key=lambda r: r["seed"]) for m in METHODS}
+    extra = sorted({r["method"] for r in rows} - set(METHODS))  # variants such as online@k=1
+    by = {m: sorted([r for r in rows if r["method"] == m], key=lambda r: r["seed"]) for m in list(METHODS) + extra}
     summary: dict = {"methods": {}}
     for m, rs in [("base", base_rows)] + list(by.items()):
         if not rs:
@@ -537,18 +553,8 @@ def summarize(rows: list[dict], base_rows: list[dict], settings: dict) -> tuple[
                      f"{_ms(col('pgd_accuracy'))} | {_ms(col('pgd_accuracy_eps_fgs'))} | {_ms(col('steps'), False, 0)} | "
                      f"{_ms(col('cpu_seconds'), False, 1)} "
                      f"| {_ms(col('wall_seconds'), False, 1)} | {_ms(col('calibration_its'), False, 1)} |")
-    lines += ["", "Mean ± std over seeds (n = number of seeds; base = the nets every method starts from).", "",
-              "Held-out error along the budget (mean over seeds; budget fraction at each checkpoint):", ""]
-    fracs = None
-    for m, rs in by.items():
-        if rs and all(r["curve"] for r in rs):
-            n = min(len(r["curve"]) for r in rs)
-            if fracs is None:
-                fracs = [rs[0]["curve"][i][f"{settings['clock']}_seconds"] / settings["budget"] for i in range(n)]
-                lines += ["| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |",
-                          "|---|" + "---|" * len(fracs)]
-            vals = [np.mean([r["curve"][i]["heldout_error"] for r in rs]) for i in range(min(n, len(fracs)))]
-            lines.append(f"| {m} | " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |")
+    lines += ["", "Mean ± std over seeds (n = number of seeds; base = the nets every method starts from).", ""]
+    lines += curve_table(by, settings)
     types = list(base_rows[0]["heldout_error_by_type"]) if base_rows else []
     if types:
         lines += ["", "Held-out error by type, % (mean over seeds):", "",
@@ -559,6 +565,30 @@ def summarize(rows: list[dict], base_rows: list[dict], settings: dict) -> tuple[
                     f"{100 * np.mean([r['heldout_error_by_type'][t] for r in rs]):.1f}" for t in types) + " |")
     lines += ["", "## Goal checks", ""] + [f"- {c}" for c in checks["text"]]
     return summary, "\n".join(lines) + "\n"
+
+
+def at_marks(curve: list[dict], clock: str, budget: float, n: int) -> list[Optional[float]]:
+    """Held-out error at each mark k * budget / n: the first checkpoint at or after it (a step that passed
+    several marks at once -- offline's generation -- left the net as it was at each of them)."""
+    out = []
+    for k in range(1, n + 1):
+        point = next((p for p in curve if p[f"{clock}_seconds"] >= k * budget / n - 1e-9), None)
+        out.append(None if point is None else point["heldout_error"])
+    return out
+
+
+def curve_table(by: dict, settings: dict) -> list[str]:
+    n, budget, clock = settings["checkpoints"], settings["budget"], settings["clock"]
+    lines = [f"Held-out error % along the budget (mean over seeds), at k/{n} of the {budget:g} s:", "",
+             "| method | " + " | ".join(f"{budget * k / n:.0f} s" for k in range(1, n + 1)) + " |",
+             "|---|" + "---|" * n]
+    for m, rs in by.items():
+        if not rs:
+            continue
+        cols = list(zip(*[at_marks(r["curve"], clock, budget, n) for r in rs]))
+        lines.append(f"| {m} | " + " | ".join(
+            "-" if any(v is None for v in c) else f"{100 * np.mean(c):.2f}" for c in cols) + " |")
+    return lines
 
 
 def goal_checks(by: dict) -> dict:
@@ -612,13 +642,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--profile", choices=sorted(PROFILES), default="small")
     p.add_argument("--work", default=None, help="work folder (default results/bench-online-PROFILE)")
     p.add_argument("--out", default=None, help="folder for bench_online.md / .json (default: the work folder)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=" ".join(METHODS), help=f"space-separated subset of {' '.join(METHODS)}; "
+                   "online@k=N,tau=T: online with N digits of each batch searched, PASS >= T (a variant row)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
     p.add_argument("--budget", type=float, default=None, help="seconds per (method, seed) (default: the profile's)")
     p.add_argument("--online-sources", type=int, default=None, help="digits per batch searched by online")
     p.add_argument("--offline-sources", type=int, default=None, help="digits the offline row generates from")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the budget's clock (default cpu)")
     p.add_argument("--redo", action="store_true", help="rerun rows already finished in the work folder")
+    p.add_argument("--table-only", action="store_true", help="run no row: rewrite the table from the rows present")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     profile = PROFILES[args.profile]
@@ -627,8 +659,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds:
         changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     profile = replace(profile, **changes)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    methods = [m for t in args.methods.split() for m in ([t] if "@" in t else t.split(",")) if m]
+    unknown = [m for m in methods if m not in METHODS and not m.startswith("online@")]
+    for m in methods:
+        if m.startswith("online@"):
+            online_variant(m)
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
     work = Path(args.work or REPO / "results" / f"bench-online-{args.profile}")
@@ -660,7 +695,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write_text(json.dumps(row) + "\n")
         base_rows.append(json.loads(f.read_text()))
     for s in profile.seeds:  # methods interleaved per seed, so load changes hit every method alike
-        for m in methods:
+        for m in ([] if args.table_only else methods):
             f = rows_dir / f"{m}-s{s}-{key}.json"
             if f.is_file() and not args.redo:
                 continue

@@ -110,3 +110,10 @@ def test_goal_checks_read_the_curves():
     assert not checks["online_reaches_offline_in_half_time"][0]["within_half"]
     assert not checks["online_beats_art"]["holds"]
     assert "**no**" in checks["text"][0] and "**no**" in checks["text"][1]
+
+
+def test_curve_marks_align_when_one_step_passes_several():
+    """Offline's first step (the generation) passes marks 1 and 2 at once: both read that first checkpoint."""
+    curve = [{"cpu_seconds": t, "heldout_error": e} for t, e in [(13.1, 0.24), (15.0, 0.09), (20.0, 0.10)]]
+    assert bench.at_marks(curve, "cpu", 20.0, 4) == [0.24, 0.24, 0.09, 0.10]
+    assert bench.at_marks(curve[:1], "cpu", 20.0, 2) == [0.24, None]
