@@ -29,21 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from hcgen.experiments.table1.estimate import expected_seconds, measured_rates, stage_work
 from hcgen.experiments.table1.protocol import PROFILES, stages
-from hcgen.stages.graph import critical_path_order, simulate, topological
+from hcgen.stages.graph import critical_path_order, rates, simulate, topological
 
 
 def rates_from_times(times: dict[str, float], profile) -> dict[str, tuple[float, float, int]]:
     """kind -> (seconds per unit, total seconds, stages) from a stage_times.json of a `profile` run."""
     graph = stages(profile)
-    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
-    for name, secs in times.items():
-        if name not in graph:
-            continue
-        kind, size = stage_work(name, graph[name].params, profile)
-        seconds[kind] += secs
-        units[kind] += size
-        count[kind] += 1
-    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds if units[k] > 0}
+    return rates((*stage_work(name, graph[name].params, profile), secs) for name, secs in times.items()
+                 if name in graph)
 
 
 def main() -> None:

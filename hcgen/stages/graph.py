@@ -152,10 +152,20 @@ def expected_seconds(graph: dict[str, Stage], work_of: WorkOf, rates: dict[str, 
     return out
 
 
+def rates(samples) -> dict[str, tuple[float, float, int]]:
+    """kind -> (seconds per unit, total seconds, stages) over (kind, size, seconds) samples."""
+    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for kind, size, secs in samples:
+        seconds[kind] += secs
+        units[kind] += size
+        count[kind] += 1
+    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds if units[k] > 0}
+
+
 def measured_rates(work: Path, work_of: WorkOf) -> dict[str, tuple[float, float, int]]:
     """kind -> (seconds per unit, total seconds, stages) over every finished stage in `work` that
     recorded its time; `work_of` sizes each from its marker's name and parameters."""
-    seconds, units, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    samples = []
     for marker in sorted(Path(work).glob(f"*/{DONE}")):
         info = json.loads(marker.read_text())
         if info.get("seconds") is None:
@@ -164,10 +174,8 @@ def measured_rates(work: Path, work_of: WorkOf) -> dict[str, tuple[float, float,
             kind, size = work_of(info["stage"], info["params"])
         except (ValueError, KeyError, TypeError):  # a stage of another protocol version: not a rate
             continue
-        seconds[kind] += info["seconds"]
-        units[kind] += size
-        count[kind] += 1
-    return {k: (seconds[k] / units[k], seconds[k], count[k]) for k in seconds if units[k] > 0}
+        samples.append((kind, size, info["seconds"]))
+    return rates(samples)
 
 
 def critical_path_order(durations: dict[str, float], deps: dict[str, tuple], order: Sequence[str]) -> list[str]:
