@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from hcgen.core.methods import parse_methods
+from hcgen.errors import BadInput
 from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb, lmdb_count
 from hcgen.util.locks import check_not_written
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             scales = [float(s) for s in args.scales.split(",") if s.strip()]
         except ValueError:
-            raise ValueError(f"--scales {args.scales!r}: give comma-separated numbers, e.g. 1.05 or 1,1.10") from None
+            raise BadInput(f"--scales {args.scales!r}: give comma-separated numbers, e.g. 1.05 or 1,1.10") from None
     result = export(args.gen_dir, args.out, args.format, methods=args.methods, scales=scales,
                     min_pass=args.min_pass)
     print(f"exported {result['records']} records of {result['source']} to {result['out']} ({args.format})")
@@ -74,10 +75,10 @@ def generation_folder(path: str | os.PathLike) -> Path:
     if not (path / "generate.json").exists() and (path / "lmdb" / "generate.json").exists():
         path = path / "lmdb"
     if not (path / "generate.json").exists():
-        raise ValueError(f"{path} is not an `hcgen generate` output (no generate.json)")
+        raise BadInput(f"{path} is not an `hcgen generate` output (no generate.json)")
     for name in ("data.mdb", "metadata.csv"):
         if not (path / name).exists():
-            raise ValueError(f"{path} has no {name}: the generation wrote no record yet")
+            raise BadInput(f"{path} has no {name}: the generation wrote no record yet")
     return path
 
 
@@ -88,10 +89,10 @@ def _selected(rows: list[dict], methods: Optional[str], scales: Optional[Sequenc
         names = {m.name for m in parse_methods(methods)}
         present = {r["method"] for r in rows}
         if not names & present:
-            raise ValueError(f"no records of method {', '.join(sorted(names))} "
+            raise BadInput(f"no records of method {', '.join(sorted(names))} "
                              f"(the generation holds {', '.join(sorted(present)) or 'no records'})")
     if min_pass is not None and not -1.0 <= min_pass <= 1.0:
-        raise ValueError(f"--min-pass must be in [-1, 1] (PASS is an SSIM), got {min_pass}")
+        raise BadInput(f"--min-pass must be in [-1, 1] (PASS is an SSIM), got {min_pass}")
     scale_set = None if scales is None else {float(s) for s in scales}
     return [(names is None or r["method"] in names)
             and (scale_set is None or float(r["scale"]) in scale_set)
@@ -124,26 +125,26 @@ def export(gen_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, methods
     """Export the (selected) records of the generation `gen_dir` to `out` in format `fmt`; returns counts."""
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src = generation_folder(gen_dir)
     out = Path(out)
     if fmt == "npz" and out.suffix != ".npz":
-        raise ValueError(f"--out {out}: with --format npz, --out is the .npz file to write (name it *.npz)")
+        raise BadInput(f"--out {out}: with --format npz, --out is the .npz file to write (name it *.npz)")
     _check_out(out, fmt)
     check_not_written(src)  # a live `hcgen generate` appends to it: refused, naming the process
     table = MetadataTable(src / METADATA_FILE)
     rows = list(table.rows())
     count = lmdb_count(src)
     if len(rows) != count or any(int(r["key"]) != i for i, r in enumerate(rows)):
-        raise ValueError(f"{src / METADATA_FILE} has {len(rows)} rows for {count} records; the generation is "
+        raise BadInput(f"{src / METADATA_FILE} has {len(rows)} rows for {count} records; the generation is "
                          "damaged or unfinished (rerun its `hcgen generate` command to complete it)")
     columns = list(table.columns)
     clash = [c for c in columns if c in _RESERVED or c == "path"]
     if clash or "label" not in columns:
-        raise ValueError(f"{src / METADATA_FILE} has columns {columns}: not an `hcgen generate` metadata table")
+        raise BadInput(f"{src / METADATA_FILE} has columns {columns}: not an `hcgen generate` metadata table")
     keep = _selected(rows, methods, scales, min_pass)
     if not any(keep):
-        raise ValueError(f"no record of {src} matches --methods/--scales/--min-pass (it holds {count} records)")
+        raise BadInput(f"no record of {src} matches --methods/--scales/--min-pass (it holds {count} records)")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
@@ -176,7 +177,7 @@ def _write_imagefolder(batches, rows, keep, columns, folder: Path) -> tuple[int,
     folder.mkdir()
     labels = [int(r["label"]) for r, k in zip(rows, keep) if k]
     if min(labels) < 0:
-        raise ValueError(f"the label {min(labels)} is negative; ImageFolder classes need labels >= 0")
+        raise BadInput(f"the label {min(labels)} is negative; ImageFolder classes need labels >= 0")
     width = len(str(max(labels)))  # one zero-padded width: folders sort in label order
     written, meta_rows = [], []
     for keys, images, datum_labels in batches:
@@ -185,10 +186,10 @@ def _write_imagefolder(batches, rows, keep, columns, folder: Path) -> tuple[int,
             if not keep[int(key)]:
                 continue
             if int(label) != int(row["label"]):
-                raise ValueError(f"record {key} has label {label} but its metadata row says {row['label']}; "
+                raise BadInput(f"record {key} has label {label} but its metadata row says {row['label']}; "
                                  "the generation is damaged")
             if image.shape[0] not in (1, 3):
-                raise ValueError(f"record {key} has {image.shape[0]} channels; PNG needs 1 (grey) or 3 (BGR)")
+                raise BadInput(f"record {key} has {image.shape[0]} channels; PNG needs 1 (grey) or 3 (BGR)")
             name = f"{int(label):0{width}d}"
             (folder / name).mkdir(exist_ok=True)
             path = f"{name}/{key}.png"
