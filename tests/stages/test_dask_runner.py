@@ -98,10 +98,12 @@ def test_live_view_ticks_and_weighs_the_eta(tmp_path):
     assert states[0]["done"] == 0 and states[0]["eta_s"] is None
     root = next(s for s in states if s["last"] == "root")
     assert root["eta_s"] == pytest.approx(root["elapsed_s"] * (1 + 3) / 1)  # work left / work done
-    s0 = next(s for s in states if s["last"] == "s0")
-    assert s0["eta_s"] == pytest.approx(s0["elapsed_s"] * 3 / 2)
+    finished = [s["last"] for s in states if s["last"]]
+    assert finished == ["root", "s1", "s0"]  # longest path first: the heavier s1 before s0
+    s1 = next(s for s in states if s["last"] == "s1")
+    assert s1["eta_s"] == pytest.approx(s1["elapsed_s"] * 1 / 4)
     ticks = [s for s in states if not s["last"] and s["done"] > 0]
-    assert any(s["running_names"] == ["s0"] and s["running"] == 1 for s in ticks)  # between finishes
+    assert any(s["running_names"] == ["s1"] and s["running"] == 1 for s in ticks)  # between finishes
     assert states[-1]["left"] == 0 and states[-1]["eta_s"] == 0
 
 
