@@ -12,14 +12,15 @@ penultimate layer, the input of the final softmax (Eq. 7 of Rozsa et al., CVPRW 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from hcgen.errors import BadInput
 
-__all__ = ["Backend", "Preprocessing", "softmax_loss_seed", "check_labels", "scores_in_chunks", "gradients_in_chunks",
-           "loss_gradient_in_chunks"]
+__all__ = ["Backend", "Preprocessing", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
+           "check_class_labels", "scores_in_chunks", "gradients_in_chunks", "loss_gradient_in_chunks"]
 
 
 @runtime_checkable
@@ -27,6 +28,48 @@ class Preprocessing(Protocol):
     """Pixels -> the network's input, as float32 numpy (N, C, H, W); the backend's own business."""
 
     def forward(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named pixels -> input mapping (``--preprocess NAME``), the same numbers for every backend.
+
+    ``input[:, c] = (pixels[:, channel_order[c]] * scale - mean[c]) / std[c]``; empty tuples mean none.
+    Caffe's `hcgen.backends.caffe.Preprocessing` subtracts the mean *before* scaling and has no std, so a
+    preset that needs either (torchvision's) lists only ``torch`` in `frameworks`.
+    `image_shape` is the (C, H, W) of the source images the preset is for (hcgen.data.images makes
+    224x224 centre crops).
+    """
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    channel_order: tuple[int, ...] = ()
+    image_shape: tuple[int, int, int] = (3, 224, 224)
+    frameworks: tuple[str, ...] = ("caffe", "torch")
+
+
+# The one table of presets. LeNet: Caffe's MNIST example (x * 1/256). ImageNet nets on BGR pixels (the order
+# of cv2.imread, hcgen.data.images and the LMDBs hcgen writes): BVLC-GoogLeNet's train_val mean_value; for
+# ResNet-152, whose published mean is the image ResNet_mean.binaryproto, per-channel ImageNet means (see
+# models/resnet152/README.md); torchvision's ImageNet models (RGB, /255, mean/std).
+PREPROCESSING = {
+    "lenet": Preset(scale=0.00390625, image_shape=(1, 28, 28)),
+    "googlenet": Preset(mean=(104.0, 117.0, 123.0)),
+    "resnet152": Preset(mean=(103.939, 116.779, 123.68)),
+    "torchvision": Preset(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          channel_order=(2, 1, 0), frameworks=("torch",)),
+}
+
+
+def preset(name: str, framework: str) -> Preset:
+    """The `PREPROCESSING` entry `name` for `framework` (caffe or torch); `BadInput` naming the choices."""
+    choices = [n for n, p in PREPROCESSING.items() if framework in p.frameworks]
+    if name not in choices:
+        hint = (f" ({name} needs --framework {' or '.join(PREPROCESSING[name].frameworks)})"
+                if name in PREPROCESSING else "")
+        raise BadInput(f"unknown preprocessing {name!r}; choose one of {', '.join(choices)}{hint}")
+    return PREPROCESSING[name]
 
 
 @runtime_checkable
@@ -82,6 +125,19 @@ def check_labels(labels, n: int, num_classes: int) -> np.ndarray:
     if y.min(initial=0) < 0 or y.max(initial=0) >= num_classes:
         raise BadInput(f"labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
     return y
+
+
+def check_class_labels(labels, classes: int, where: str, keys: Sequence | None = None) -> None:
+    """Every label is one of the net's `classes`: `BadInput` naming `where`, the first bad record (its LMDB key
+    from `keys`, else its position) and how many of these labels are out of range. The one check of sources
+    (generate), training LMDBs (Caffe's SoftmaxWithLoss only DCHECKs them) and evaluated LMDBs."""
+    y = np.asarray(labels)
+    bad = np.flatnonzero((y < 0) | (y >= classes))
+    if len(bad):
+        i = bad[0]
+        record = f"record {keys[i]}" if keys is not None else f"image {i}"
+        raise BadInput(f"{where}: {record} has label {y[i]}, outside the net's {classes} classes [0, {classes}) "
+                       f"({len(bad)} of {len(y)} read); labelled for another task or net?")
 
 
 # --- the chunked loops both backends run (CaffeNet, TorchNet): only the per-chunk step is theirs ----------

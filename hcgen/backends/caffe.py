@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hcgen.backends.base import check_labels, gradients_in_chunks, loss_gradient_in_chunks, scores_in_chunks
+from hcgen.backends.base import (PREPROCESSING, Preset, check_labels, gradients_in_chunks, loss_gradient_in_chunks, preset,
+                                 scores_in_chunks)
 from hcgen.backends.pycaffe import caffe, caffe_pb2, text_format
 from hcgen.errors import BadInput, NotFound
 
@@ -63,20 +64,18 @@ class Preprocessing:
         return g
 
 
-LENET = Preprocessing(scale=0.00390625)
-# ImageNet nets on BGR pixels (the order of cv2.imread, hcgen.data.images and the LMDBs hcgen writes), 224x224
-# centre crops: BVLC-GoogLeNet's train_val mean_value; for ResNet-152, whose published mean is the
-# image ResNet_mean.binaryproto, per-channel ImageNet means (see models/resnet152/README.md).
-GOOGLENET = Preprocessing(mean=(104.0, 117.0, 123.0))
-RESNET152 = Preprocessing(mean=(103.939, 116.779, 123.68))
-PRESETS = {"lenet": LENET, "googlenet": GOOGLENET, "resnet152": RESNET152}
+def _from_preset(p: Preset) -> Preprocessing:
+    return Preprocessing(scale=p.scale, mean=p.mean, channel_order=p.channel_order)
+
+
+# hcgen.backends.base.PREPROCESSING's presets that Caffe runs (its ImageNet presets take BGR pixels: no swap)
+PRESETS = {name: _from_preset(p) for name, p in PREPROCESSING.items() if "caffe" in p.frameworks}
+LENET, GOOGLENET, RESNET152 = PRESETS["lenet"], PRESETS["googlenet"], PRESETS["resnet152"]
 
 
 def preprocessing_preset(name: str) -> Preprocessing:
-    """The `Preprocessing` named `name` in `PRESETS` (lenet, googlenet, resnet152)."""
-    if name not in PRESETS:
-        raise BadInput(f"unknown preprocessing {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    """The `Preprocessing` of the preset `name` (`hcgen.backends.base.PREPROCESSING`: lenet, googlenet, resnet152)."""
+    return _from_preset(preset(name, "caffe"))
 
 
 def read_prototxt_into(prototxt: str | os.PathLike, param, what: str):

@@ -23,7 +23,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from hcgen.backends.base import check_labels, gradients_in_chunks, loss_gradient_in_chunks, scores_in_chunks
+from hcgen.backends.base import (PREPROCESSING, Preset, check_labels, gradients_in_chunks, loss_gradient_in_chunks, preset,
+                                 scores_in_chunks)
 from hcgen.errors import BadInput, NotFound
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
@@ -72,25 +73,20 @@ class Normalization:
         return self.apply(torch.from_numpy(np.asarray(pixels, dtype=np.float32))).numpy()
 
 
-LENET = Normalization(scale=0.00390625)
-# hcgen's ImageNet presets on BGR pixels, as in hcgen.backends.caffe (Caffe conventions: scale 1, mean in pixels)
-PRESETS = {
-    "lenet": LENET,
-    "googlenet": Normalization(mean=(104.0, 117.0, 123.0)),
-    "resnet152": Normalization(mean=(103.939, 116.779, 123.68)),
-    "torchvision": Normalization(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                 channel_order=(2, 1, 0)),
-}
-# the image shape each preset's source images have (hcgen.data.images makes 224x224 centre crops)
-PRESET_SHAPES = {"lenet": (1, 28, 28), "googlenet": (3, 224, 224), "resnet152": (3, 224, 224),
-                 "torchvision": (3, 224, 224)}
+def _from_preset(p: Preset) -> Normalization:
+    return Normalization(scale=p.scale, mean=p.mean, std=p.std, channel_order=p.channel_order)
+
+
+# hcgen.backends.base.PREPROCESSING as torch runs it (the ImageNet presets on BGR pixels, as in CaffeNet)
+PRESETS = {name: _from_preset(p) for name, p in PREPROCESSING.items() if "torch" in p.frameworks}
+LENET = PRESETS["lenet"]
+# the image shape each preset's source images have
+PRESET_SHAPES = {name: p.image_shape for name, p in PREPROCESSING.items() if "torch" in p.frameworks}
 
 
 def normalization_preset(name: str) -> Normalization:
     """The `Normalization` named `name` in `PRESETS` (lenet, googlenet, resnet152, torchvision)."""
-    if name not in PRESETS:
-        raise BadInput(f"unknown preprocessing {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return _from_preset(preset(name, "torch"))
 
 
 def check_device(device: str) -> torch.device:
@@ -350,13 +346,13 @@ def load_model(spec: str | os.PathLike, weights: Optional[str | os.PathLike] = N
 
 
 def open_torch_net(model: str, weights: Optional[str] = None, preprocess: str = "lenet",
-                   layer: Optional[str] = None, device: str = "cpu") -> TorchNet:
+                   layer: Optional[str] = None, device: str = "cpu", batch_size: int = 256) -> TorchNet:
     """`TorchNet` for `hcgen generate --framework torch`: `load_model` (model in eval mode), the preset
     `preprocess`, and the input shape from ``model.input_shape`` or else the preset's images."""
     pre = normalization_preset(preprocess)
     check_device(device)
     net = load_model(model, weights, device)
-    return TorchNet(net, pre, layer=layer, device=device,
+    return TorchNet(net, pre, layer=layer, device=device, batch_size=batch_size,
                     input_shape=getattr(net, "input_shape", None) or PRESET_SHAPES[preprocess])
 
 

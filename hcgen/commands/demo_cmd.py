@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hcgen.backends.factory import BackendSpec
 from hcgen.commands.generate_cmd import print_summary
 from hcgen.core.methods import PAPER_METHODS
 from hcgen.data.mnist import convert_mnist
@@ -36,8 +37,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcgen.backends.caffe import CaffeNet  # pycaffe: loaded only when used
-
     out = Path(args.out)
     if args.weights is not None:  # a bad caffemodel would abort Caffe (and this process) at step 3
         from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
@@ -60,15 +59,16 @@ def run(args: argparse.Namespace) -> int:
         weights = caffemodel(out / "lenet")
     deploy = MODELS / "lenet_deploy.prototxt"
     print(f"[3/3] generating from {args.limit} MNIST test digits with {weights} -> {out / 'adversarial_lmdb'}")
-    settings = GenerateSettings(model=str(deploy), weights=str(weights), source=str(out / "mnist" / "mnist_test_lmdb"),
-                                split="test", methods=PAPER_METHODS, scales="1.05,1.10", min_pass=-1.0,
-                                limit=args.limit, seed=0, batch_size=50)
+    spec = BackendSpec(str(deploy), str(weights))
+    settings = GenerateSettings(**spec.provenance(), source=str(out / "mnist" / "mnist_test_lmdb"), split="test",
+                                methods=PAPER_METHODS, scales="1.05,1.10", min_pass=-1.0, limit=args.limit, seed=0,
+                                batch_size=50)
     with tqdm(desc="generate", unit="img", disable=None) as bar:
         def gen_progress(n: int, total: int, stats: dict) -> None:
             bar.total = total
             bar.update(n)
 
-        summary = generate(CaffeNet(deploy, weights), settings, out / "adversarial_lmdb", progress=gen_progress)
+        summary = generate(spec.open(), settings, out / "adversarial_lmdb", progress=gen_progress)
     print_summary(summary)
     print(f"\nrecords (Caffe Datum LMDB + metadata.csv): {out / 'adversarial_lmdb'}")
     report = write_generation_report(out / "adversarial_lmdb", out / "report.html", title="hcgen demo: LeNet / MNIST")

@@ -5,9 +5,9 @@ import argparse
 
 from tqdm import tqdm
 
+from hcgen.backends.factory import BackendSpec
 from hcgen.core.methods import PAPER_METHODS
 from hcgen.core.methods import parse_methods, parse_scales
-from hcgen.errors import BadInput
 from hcgen.generate.run import GenerateSettings
 from hcgen.generate.run import generate
 from hcgen.generate.shards import merge_shards
@@ -98,27 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     parse_methods(args.methods), parse_scales(args.scales), parse_shard(args.shard)  # option errors first
-    if args.framework == "torch":
-        from hcgen.backends.torch import open_torch_net  # torch: loaded only when used
-
-        net = open_torch_net(args.model, args.weights, args.preprocess, args.layer, args.device)
-    else:
-        from hcgen.backends.caffe import CaffeNet, preprocessing_preset  # pycaffe: loaded only when used
-        from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
-
-        if args.weights is None:
-            raise BadInput("--weights (the trained caffemodel) is required with --framework caffe")
-        if args.device != "cpu" or args.preprocess == "torchvision":
-            raise BadInput(f"--{'device cuda' if args.device != 'cpu' else 'preprocess torchvision'} needs "
-                           "--framework torch (hcgen's Caffe is a CPU build)")
-        check_deploy(args.model, args.weights)  # what would make Caffe abort this process, as a ValueError
-        net = CaffeNet(args.model, args.weights, preprocessing=preprocessing_preset(args.preprocess),
-                       layer=args.layer)
+    spec = BackendSpec(args.model, args.weights, framework=args.framework, preprocess=args.preprocess,
+                       layer=args.layer, device=args.device)
+    net = spec.open()
     settings = GenerateSettings(
-        model=args.model, weights=args.weights, source=args.input, split=args.split,
-        methods=args.methods, scales=args.scales, min_pass=args.min_pass, limit=args.limit,
-        seed=args.seed, batch_size=args.batch, shard=args.shard, preprocess=args.preprocess,
-        framework=args.framework, device=args.device,
+        **spec.provenance(), source=args.input, split=args.split, methods=args.methods, scales=args.scales,
+        min_pass=args.min_pass, limit=args.limit, seed=args.seed, batch_size=args.batch, shard=args.shard,
     )
     with tqdm(desc="generate", unit="img", disable=None) as bar:
         def progress(n_images: int, total: int, stats: dict) -> None:

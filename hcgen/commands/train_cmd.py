@@ -9,6 +9,7 @@ from tqdm import tqdm
 from hcgen.data.lmdb_io import lmdb_count
 from hcgen.data.mix import mix_training_data
 from hcgen.training import caffe_train as training
+from hcgen.training import evaluate
 from hcgen.util.fileio import atomic_write_json
 
 
@@ -58,8 +59,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "rate per dataset and, where a metadata.csv sidecar exists, per method. Records of generated "
         "LMDBs carry the original label.")
     p.add_argument("--model", required=True, metavar="DEPLOY",
-                   help="deploy prototxt (e.g. models/lenet/lenet_deploy.prototxt)")
-    p.add_argument("--weights", required=True, metavar="W", help="trained caffemodel")
+                   help="deploy prototxt (e.g. models/lenet_deploy.prototxt), or with --framework torch "
+                   "FILE.py:FACTORY or a TorchScript file")
+    p.add_argument("--weights", default=None, metavar="W",
+                   help="trained caffemodel (required with caffe), or a torch state_dict (optional with torch)")
+    p.add_argument("--framework", default="caffe", choices=("caffe", "torch"), help="default caffe")
+    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152", "torchvision"),
+                   help="pixels -> net input, as in `hcgen generate` (default lenet)")
     p.add_argument("--data", required=True, nargs="+", metavar="LMDB", help="LMDBs to evaluate")
     p.add_argument("--by", default="method", metavar="COL,COL",
                    help="metadata columns to group by (default: method; e.g. method,scale)")
@@ -130,14 +136,14 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from hcgen.training import evaluate  # pycaffe: loaded only when used
-
     with tqdm(total=sum(lmdb_count(d) for d in args.data), unit="img", desc="evaluate", disable=None) as bar:
         results = evaluate.evaluate(args.model, args.weights, args.data, group_by=_split(args.by) or [],
+                                    framework=args.framework, preprocess=args.preprocess,
                                     batch_size=args.batch_size, progress=bar.update)
     print(evaluate.format_table(results))
     if args.json:
-        report = {"model": str(Path(args.model).absolute()), "weights": str(Path(args.weights).absolute()),
+        weights = None if args.weights is None else str(Path(args.weights).absolute())
+        report = {"model": str(Path(args.model).absolute()), "weights": weights,
                   "results": [r.as_dict() for r in results]}
         atomic_write_json(args.json, report, indent=2)
         print(f"wrote {args.json}")

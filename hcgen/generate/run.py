@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -27,7 +28,7 @@ import lmdb
 import numpy as np
 
 from hcgen import __version__
-from hcgen.backends.base import Backend
+from hcgen.backends.base import Backend, check_class_labels
 from hcgen.core import directions, metrics, search
 from hcgen.core.methods import Method, parse_methods, parse_scales
 from hcgen.data import genfolder
@@ -80,6 +81,17 @@ def _hwc(images: np.ndarray) -> np.ndarray:
     return images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
 
 
+def _tensor_engine(net: Backend):
+    """`hcgen.torch.engine` for a `hcgen.backends.torch.TorchNet` (whose module is loaded only if torch is: no
+    import of torch here), None for every other backend (the numpy path)."""
+    torch_backend = sys.modules.get("hcgen.backends.torch")
+    if torch_backend is None or not isinstance(net, torch_backend.TorchNet):
+        return None
+    from hcgen.torch import engine  # torch: loaded only for a TorchNet, which has loaded it already
+
+    return engine
+
+
 @dataclass
 class BatchResult:
     images: np.ndarray
@@ -102,8 +114,13 @@ def generate_batch(net: Backend, x: np.ndarray, y: np.ndarray, source_index: np.
     if not len(x):
         return BatchResult(np.empty((0,) + x.shape[1:], np.uint8), np.empty(0, np.int64),
                            {c: np.empty(0) for c in COLUMNS}, skipped)
-    eta, _ = compute_directions(net, x, y, h, methods)
-    res = search.adversarial_search(net.scores, x, eta, y, clean_scores=h)
+    engine = _tensor_engine(net)
+    if engine is not None:  # a TorchNet: directions, search and hard positives on tensors, the same records
+        res, hp = engine.search_batch(net, x, y, h, methods, scales)
+    else:
+        eta, _ = compute_directions(net, x, y, h, methods)
+        res = search.adversarial_search(net.scores, x, eta, y, clean_scores=h)
+        hp = search.hard_positives(net.scores, x, eta, y, res, scales) if scales else None
     ok = res.success  # (N, D)
     n, d = np.nonzero(ok)
     names = np.array([m.name for m in methods])
@@ -116,8 +133,7 @@ def generate_batch(net: Backend, x: np.ndarray, y: np.ndarray, source_index: np.
     images = [res.x_adv[n, d]]
     pred = [res.label[n, d]]
     scale = [np.ones(len(n))]
-    if scales:
-        hp = search.hard_positives(net.scores, x, eta, y, res, scales)
+    if hp is not None:
         for f, s in enumerate(hp.factors):
             images.append(hp.images[f][n, d])
             pred.append(hp.pred[f][n, d])
@@ -185,6 +201,19 @@ def recorded_settings(net: Backend, settings: GenerateSettings, source_images: i
     return json.loads(json.dumps(record))  # tuples -> lists, as read back
 
 
+def _check_provenance(net: Backend, settings: GenerateSettings) -> None:
+    """A net opened from a `hcgen.backends.factory.BackendSpec` (``net.spec``) was opened from what `settings`
+    records; a mismatch is a bug of the caller (ValueError), not of the user."""
+    spec = getattr(net, "spec", None)
+    if spec is None:
+        return
+    opened = spec.provenance()
+    recorded = {k: getattr(settings, k) for k in opened}
+    if recorded != opened:
+        raise ValueError(f"generate.json would record {recorded} but the net was opened from {opened}; "
+                         "build GenerateSettings with **spec.provenance()")
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 24 else text[:10] + "..." + text[-10:]
@@ -234,6 +263,7 @@ def generate(net: Backend, settings: GenerateSettings, out: str | os.PathLike,
     is locked for the run (`hcgen.util.locks.FolderInUse` if another run holds it).
     """
     out = Path(out)
+    _check_provenance(net, settings)
     methods = parse_methods(settings.methods)
     scales = parse_scales(settings.scales)
     if not -1.0 <= settings.min_pass <= 1.0:
@@ -307,8 +337,4 @@ def check_source(images: np.ndarray, labels: np.ndarray, net: Backend, source) -
                        "or net (and --preprocess)")
     if shape != want:
         raise BadInput(f"{where} holds images of shape {shape} but the net takes {want}")
-    classes = net.num_classes
-    if labels.min() < 0 or labels.max() >= classes:
-        bad = labels[(labels < 0) | (labels >= classes)]
-        raise BadInput(f"{where} has labels outside the net's {classes} classes [0, {classes}), e.g. {int(bad[0])} "
-                         f"({len(bad)} of {len(labels)}); a source labelled for another net?")
+    check_class_labels(labels, net.num_classes, str(where))

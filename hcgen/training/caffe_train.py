@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 
+from hcgen.backends.base import check_class_labels
 from hcgen.data.lmdb_io import iter_lmdb, require_lmdb
 from hcgen.errors import BadInput, ExternalFailure, NotFound
 from hcgen.util.fileio import atomic_write
@@ -194,10 +194,7 @@ def _check_labels(path: str, classes: int | None, option: str) -> None:
     if classes is None:
         return
     for keys, _, labels in iter_lmdb(path, batch_size=4096):
-        bad = np.flatnonzero((labels < 0) | (labels >= classes))
-        if len(bad):
-            raise BadInput(f"{path} ({option}): record {keys[bad[0]]} has label {labels[bad[0]]}, outside the "
-                           f"net's {classes} classes [0, {classes}); an LMDB of another task?")
+        check_class_labels(labels, classes, f"{path} ({option})", keys)
 
 
 def train(solver: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hcgen.backends.caffe import LENET, CaffeNet, Preprocessing
+from hcgen.backends.base import Backend, check_class_labels
+from hcgen.backends.factory import BackendSpec
 from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb
 from hcgen.errors import BadInput, NotFound
 
@@ -37,24 +38,33 @@ class ErrorRate:
         return {**asdict(self), "error_rate": self.error_rate if self.records else None}
 
 
-def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Sequence[str | os.PathLike], *,
-             group_by: Sequence[str] = ("method",), preprocessing: Preprocessing = LENET,
+def evaluate(model: str | os.PathLike, weights: str | os.PathLike | None, datasets: Sequence[str | os.PathLike], *,
+             group_by: Sequence[str] = ("method",), framework: str = "caffe", preprocess: str = "lenet",
              batch_size: int = 1000, progress: Callable[[int], None] | None = None) -> list[ErrorRate]:
-    """Top-1 error of the deploy net with `weights` on each LMDB: one ALL row per dataset, then one per group.
+    """Top-1 error of the net (`hcgen.backends.factory.BackendSpec`: a Caffe deploy prototxt + caffemodel by
+    default) on each LMDB; see `error_rates`. The datasets are checked before the net is loaded."""
+    if batch_size < 1:
+        raise BadInput(f"--batch-size must be positive, got {batch_size}")
+    _check_datasets(datasets)
+    net = BackendSpec(model, weights, framework=framework, preprocess=preprocess, batch_size=batch_size).open()
+    return error_rates(net, datasets, group_by=group_by, batch_size=batch_size, progress=progress)
+
+
+def _check_datasets(datasets: Sequence[str | os.PathLike]) -> None:
+    for path in datasets:
+        if not (Path(path) / "data.mdb").is_file():
+            raise NotFound(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
+
+
+def error_rates(net: Backend, datasets: Sequence[str | os.PathLike], *, group_by: Sequence[str] = ("method",),
+                batch_size: int = 1000, progress: Callable[[int], None] | None = None) -> list[ErrorRate]:
+    """Top-1 error of any `Backend` on each LMDB: one ALL row per dataset, then one per group.
 
     Groups are the distinct values of the `group_by` columns of the dataset's ``metadata.csv``
     (datasets without the sidecar or the columns get only their ALL row). `progress(n)` is called
     after each batch of n records.
     """
-    from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
-
-    if batch_size < 1:
-        raise BadInput(f"--batch-size must be positive, got {batch_size}")
-    for path in datasets:
-        if not (Path(path) / "data.mdb").is_file():
-            raise NotFound(f"no LMDB at {path} (expected {Path(path) / 'data.mdb'})")
-    check_deploy(deploy, weights)  # what would abort Caffe, as a ValueError (CaffeNet needs backward too)
-    net = CaffeNet(deploy, weights, preprocessing=preprocessing, batch_size=batch_size)
+    _check_datasets(datasets)
     results: list[ErrorRate] = []
     for path in datasets:
         table = MetadataTable(Path(path) / METADATA_FILE) if (Path(path) / METADATA_FILE).is_file() else None
@@ -63,10 +73,7 @@ def evaluate(deploy: str | os.PathLike, weights: str | os.PathLike, datasets: Se
         groups: dict[str, list[int]] = {}  # group -> [records, errors]
         records = errors = 0
         for keys, images, labels in iter_lmdb(path, batch_size=batch_size):
-            if labels.min() < 0 or labels.max() >= net.num_classes:
-                bad = int(labels[(labels < 0) | (labels >= net.num_classes)][0])
-                raise BadInput(f"{path}: label {bad} is outside the net's {net.num_classes} classes; "
-                               "an LMDB of another task?")
+            check_class_labels(labels, net.num_classes, str(path), keys)
             wrong = net.predict(images)[0] != labels
             records += len(labels)
             errors += int(wrong.sum())

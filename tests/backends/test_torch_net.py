@@ -275,6 +275,9 @@ def test_generate_cli_torch(tmp_path, capsys, trained_torch_lenet):
         assert "\n" not in err
     deploy = str(REPO / "models" / "lenet" / "lenet_deploy.prototxt")
     for extra, message in (([], "--weights (the trained caffemodel) is required with --framework caffe"),
-                           (["--weights", str(weights), "--device", "cuda"], "--device cuda needs --framework torch")):
+                           (["--weights", str(weights), "--device", "cuda"], "--device cuda needs --framework torch"),
+                           (["--weights", str(weights), "--preprocess", "torchvision"],
+                            "unknown preprocessing 'torchvision'; choose one of lenet, googlenet, resnet152 "
+                            "(torchvision needs --framework torch)")):
         assert main(["generate", "--model", deploy, "--out", str(tmp_path / "caffe"), *extra]) == 2
         assert message in capsys.readouterr().err

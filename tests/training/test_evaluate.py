@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from hcgen.backends.caffe import CaffeNet
+from hcgen.backends.factory import BackendSpec
 from hcgen.data.lmdb_io import DatumWriter, read_lmdb, write_datums
-from hcgen.training.evaluate import ALL, ErrorRate, evaluate, format_table
+from hcgen.training.evaluate import ALL, ErrorRate, error_rates, evaluate, format_table
 from hcgen.training.caffe_train import caffe_executable, train
 
-from tests.conftest import MODELS
+from tests.conftest import MODELS, REPO
 from tests.training.test_train import _cli, write_fast_solver, write_mnist_slices
 
 DEPLOY = MODELS / "lenet" / "lenet_deploy.prototxt"
@@ -113,3 +114,26 @@ def test_evaluate_cli_prints_a_table_and_writes_json(net, generated, tmp_path, c
 def test_format_table_of_an_empty_dataset():
     text = format_table([ErrorRate("d", ALL, 0, 0)])
     assert text.splitlines()[1].split() == ["d", "all", "0", "0", "nan"]
+
+
+def test_evaluate_a_torch_net_through_the_same_backend_contract(net, generated, tmp_path, capsys):
+    """`hcgen evaluate --framework torch`: examples/torch_lenet.py holding the Caffe net's weights makes the
+    same predictions as Caffe (checked image by image on the CaffeNet), so the error table is the same."""
+    torch = pytest.importorskip("torch")
+    from hcgen.backends.torch import load_model, state_dict_from_caffe
+
+    path, images, labels, methods, _ = generated
+    caffe_net = CaffeNet(DEPLOY, net["weights"])
+    model = load_model(f"{REPO / 'examples' / 'torch_lenet.py'}:lenet")
+    params = caffe_net.net.params
+    torch.save(state_dict_from_caffe({n: [b.data for b in params[n]] for n in params}), tmp_path / "lenet.pt")
+    torch_net = BackendSpec(f"{REPO / 'examples' / 'torch_lenet.py'}:lenet", tmp_path / "lenet.pt",
+                            framework="torch").open()
+    assert (torch_net.predict(images)[0] == caffe_net.predict(images)[0]).all()
+    assert error_rates(torch_net, [path]) == evaluate(DEPLOY, net["weights"], [path])
+    assert _cli("evaluate", "--framework", "torch", "--model", f"{REPO / 'examples' / 'torch_lenet.py'}:lenet",
+                "--weights", str(tmp_path / "lenet.pt"), "--data", str(path), "--json", str(tmp_path / "t.json")) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["errors"] for r in rows] == [r.errors for r in evaluate(DEPLOY, net["weights"], [path])]
+    with pytest.raises(ValueError, match="--weights \\(the trained caffemodel\\) is required with --framework caffe"):
+        _cli("evaluate", "--model", str(DEPLOY), "--data", str(path))

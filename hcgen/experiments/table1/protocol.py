@@ -38,6 +38,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from hcgen.backends.factory import BackendSpec
 from hcgen.data.infimnist import write_infimnist
 from hcgen.data.lmdb_io import DatumWriter, MetadataTable, read_raw
 from hcgen.data.mix import mix_training_data
@@ -168,14 +169,11 @@ def caffemodel(folder: Path) -> Path:
 
 def _generate(out: Path, base: Path, mnist: Path, split: str, methods: str, scales: str,
               limit: Optional[int], seed: int, shard: str = "0/1") -> None:
-    from hcgen.backends.caffe import CaffeNet  # pycaffe: loaded only when used
-
-    deploy = MODELS / "lenet_deploy.prototxt"
-    weights = caffemodel(base)
-    settings = GenerateSettings(model=str(deploy), weights=str(weights), source=str(mnist / f"mnist_{split}_lmdb"),
-                                split=split, methods=methods, scales=scales, min_pass=-1.0, limit=limit,
-                                seed=seed, batch_size=64, shard=shard)
-    generate(CaffeNet(deploy, weights), settings, out / "lmdb")
+    spec = BackendSpec(str(MODELS / "lenet_deploy.prototxt"), str(caffemodel(base)))
+    settings = GenerateSettings(**spec.provenance(), source=str(mnist / f"mnist_{split}_lmdb"), split=split,
+                                methods=methods, scales=scales, min_pass=-1.0, limit=limit, seed=seed, batch_size=64,
+                                shard=shard)
+    generate(spec.open(), settings, out / "lmdb")
 
 
 def _merge(out: Path, *shards: Path) -> None:
