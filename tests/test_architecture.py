@@ -15,7 +15,7 @@ ALLOWED = {  # package -> the hcgen packages it may import ("hcgen": the package
     "backends": {"errors"},
     "data": {"core", "util", "errors"},
     "stages": {"util"},
-    "generate": {"core", "backends", "data", "util", "errors", "hcgen"},
+    "generate": {"core", "backends", "data", "util", "errors", "hcgen", "torch"},  # torch: the engine, for a TorchNet
     "training": {"backends", "data", "util", "errors"},
     "report": {"data", "stages", "util", "errors", "hcgen"},
     "experiments": {"generate", "training", "data", "backends", "stages", "core", "util", "errors"},

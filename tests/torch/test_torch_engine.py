@@ -207,23 +207,21 @@ def test_pixel_model_refuses_unknown_layer_and_non_modules():
 
 
 def test_generate_batch_through_the_engine_gives_the_same_records(net, monkeypatch):
-    """`hcgen generate --framework torch` dispatching to `search_batch` (emulated here by routing
-    generate_batch's search and hard-positive calls to it) writes the same records, metadata (PASS
-    included) and failures as today's numpy path."""
+    """`hcgen generate --framework torch`: generate_batch sends a TorchNet's batches to `search_batch` and
+    writes the same records, metadata (PASS included) and failures as the numpy path (`hcgen.core.search`,
+    forced here by hiding the engine)."""
     from hcgen.generate import run as generate
 
     x, y = mnist_test_digits(24)
     methods = parse_methods("fgs,fgv,hc-d:1-3,hc-s:2")
-    ref = generate.generate_batch(net, x, y, np.arange(24), 0, methods, [1.05], 0.5, n_jobs=1)
-    held = {}
-
-    def engine_search(scores_fn, xs, eta, ys, clean_scores):
-        res, held["hp"] = engine.search_batch(scores_fn.__self__, xs, ys, clean_scores, methods, [1.05])
-        return res
-
-    monkeypatch.setattr(generate.search, "adversarial_search", engine_search)
-    monkeypatch.setattr(generate.search, "hard_positives", lambda *args: held["hp"])
+    calls = []
+    real = engine.search_batch
+    monkeypatch.setattr(engine, "search_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     new = generate.generate_batch(net, x, y, np.arange(24), 0, methods, [1.05], 0.5, n_jobs=1)
+    assert calls == [1]  # the engine ran the batch
+    monkeypatch.setattr(generate, "_tensor_engine", lambda net: None)
+    ref = generate.generate_batch(net, x, y, np.arange(24), 0, methods, [1.05], 0.5, n_jobs=1)
+    assert calls == [1]  # the numpy path did not call it
     np.testing.assert_array_equal(new.images, ref.images)
     np.testing.assert_array_equal(new.labels, ref.labels)
     assert new.metadata.keys() == ref.metadata.keys()
