@@ -343,7 +343,7 @@ def test_paper_rows_profile_has_the_papers_sizes_for_its_rows():
         assert "tau" in g[f"mix-HC-D-9-1.05-only-net{b}-order1"].deps
     assert not any(n.startswith(("infimnist", "scratch-", "ft-pass")) for n in g)  # no InfiMNIST row, no Fig. 6
     spec = table1.report_spec(p)
-    assert spec["claims"] and spec["bins"] == [] and "images only" in spec["description"]
+    assert spec.claims and spec.bins == [] and "images only" in spec.description
     # the ablation's mix holds the row's images and no digits; the full row's holds both
     kind, size = estimate.stage_work("mix-HC-D-9-1.05-only-net1-order1", only, p)
     assert (kind, size) == ("mixed records", 9 * 60_000)

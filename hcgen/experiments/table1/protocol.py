@@ -44,6 +44,7 @@ from hcgen.data.lmdb_io import DatumWriter, MetadataTable, read_raw
 from hcgen.data.mix import mix_training_data
 from hcgen.data.mnist import convert_mnist
 from hcgen.errors import BadInput, NotFound
+from hcgen.experiments.table1.results import ReportSpec
 from hcgen.generate.run import GenerateSettings, generate
 from hcgen.generate.shards import merge_shards
 from hcgen.stages.graph import Stage
@@ -411,21 +412,21 @@ def stages(profile: Profile, mnist_source: Optional[str] = None) -> dict[str, St
     return g
 
 
-def report_spec(profile: Profile) -> dict:
+def report_spec(profile: Profile) -> ReportSpec:
     """What `hcgen.experiments.table1.results` needs to know of this protocol: rows, their paper numbers, figures' inputs."""
     p = profile
-    return {
-        "profile": p.name,
-        "rows": row_evals(p),
-        "units": row_units(p),
-        "paper": PAPER,
-        "paper_train_images": PAPER_TRAIN_IMAGES,
-        "row_stages": {row: [n.replace("eval-", "mix-", 1) for n in evals] for row, evals in row_evals(p).items()
-                       if row != BASIC},
-        "bins": [(f"{lo:.2f}-{min(hi, 1.0):.2f}", [f"eval-{bin_tag(lo, hi)}-net{b}" for b in range(1, p.bin_nets + 1)])
-                 for lo, hi in p.pass_bins],
-        "tau_stage": "tau" if any(r in ROWS or r in ONLY_ROWS for r in p.rows) else None,
-        "description": (
+    return ReportSpec(
+        profile=p.name,
+        rows=row_evals(p),
+        units=row_units(p),
+        paper=PAPER,
+        paper_train_images=PAPER_TRAIN_IMAGES,
+        row_stages={row: [n.replace("eval-", "mix-", 1) for n in evals] for row, evals in row_evals(p).items()
+                    if row != BASIC},
+        bins=[(f"{lo:.2f}-{min(hi, 1.0):.2f}", [f"eval-{bin_tag(lo, hi)}-net{b}" for b in range(1, p.bin_nets + 1)])
+              for lo, hi in p.pass_bins],
+        tau_stage="tau" if any(r in ROWS or r in ONLY_ROWS for r in p.rows) else None,
+        description=(
             f"Profile `{p.name}`: {p.base_nets} base net(s) ({p.base_iterations} iterations) x {p.orderings} "
             f"ordering(s), fine-tuning {p.finetune_iterations} iterations, "
             + (f"InfiMNIST-style {'from scratch' if p.infimnist_from_scratch else 'fine-tuned'} "
@@ -436,15 +437,16 @@ def report_spec(profile: Profile) -> dict:
             + f"generation from {p.train_images or MNIST_TRAIN} training digits "
             f"per net, held-out set {p.heldout_per_type} x 14 types from {p.base_nets} net(s)' "
             f"{p.test_images or MNIST_TEST} test digits each, tau {p.train_tau}."),
-        "caveat": (None if p.name == "full" else
-                   (f"**This is the {p.name} profile: the paper's sizes for its rows, but {p.base_nets} nets per "
-                    f"row ({p.base_nets} base nets x {p.orderings} ordering) where the paper has 9, and only the "
-                    "rows listed.**" if (p.train_images, p.test_images, p.finetune_iterations) == (None, None, 20_000)
-                    else f"**This is the {p.name} profile, not the paper's sizes: compare the structure and the "
-                    "ordering of the rows, not the absolute numbers.**")
-                   + (" Its Basic LeNet row is 100% on adversarial images because with one base net every held-out "
-                      "image is a minimal adversarial of that very net (the paper draws them from all three nets)."
-                      if p.base_nets == 1 else "")),
-        "heldout_types": len(HELDOUT_TYPES),
-        "claims": p.base_nets > 1,
-    }
+        caveat=(None if p.name == "full" else
+                (f"**This is the {p.name} profile: the paper's sizes for its rows, but {p.base_nets} nets per "
+                 f"row ({p.base_nets} base nets x {p.orderings} ordering) where the paper has 9, and only the "
+                 "rows listed.**" if (p.train_images, p.test_images, p.finetune_iterations) == (None, None, 20_000)
+                 else f"**This is the {p.name} profile, not the paper's sizes: compare the structure and the "
+                 "ordering of the rows, not the absolute numbers.**")
+                + (" Its Basic LeNet row is 100% on adversarial images because with one base net every held-out "
+                   "image is a minimal adversarial of that very net (the paper draws them from all three nets)."
+                   if p.base_nets == 1 else "")),
+        heldout_types=len(HELDOUT_TYPES),
+        claims=p.base_nets > 1,
+        example_generation="gen-test1", training_generation="gen-train1", mnist_stage="mnist",
+    )

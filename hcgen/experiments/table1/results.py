@@ -2,13 +2,51 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from hcgen.data.lmdb_io import MetadataTable, lmdb_count, read_raw, decode_datum
 from hcgen.data.lmdb_io import read_lmdb
 from hcgen.util.fileio import atomic_write
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What the table, the claims and the figures need to know of a Table 1 protocol; built by
+    `hcgen.experiments.table1.protocol.report_spec` from a profile, read here and nowhere else.
+
+    rows        Table 1 row -> the eval stages of its nets, in net order.
+    units       row -> one (base net, ordering) per eval stage (ordering None for a base net itself):
+                what pairs two rows' nets for the paired tests.
+    row_stages  row -> the mix stages whose records each net of the row was fine-tuned on.
+    bins        Fig. 6: (PASS range label, its eval stages) per bin.
+    tau_stage   the stage whose tau.json calibrated the PASS threshold, if any.
+    paper, paper_train_images   the paper's numbers per row.
+    claims      whether the claims are checked (they need more than one net per row).
+    example_generation, training_generation, mnist_stage   the stages Fig. 2 (a test-digit generation on
+                base net 1), Figs. 4-5 (base net 1's training-digit generation) and Fig. 2's originals read.
+    image_shape (H, W) of one grey image, as the generations store them.
+    """
+
+    profile: str
+    rows: dict[str, list[str]]
+    description: str
+    heldout_types: int
+    units: dict[str, list[tuple[int, Optional[int]]]] = field(default_factory=dict)
+    row_stages: dict[str, list[str]] = field(default_factory=dict)
+    bins: list[tuple[str, list[str]]] = field(default_factory=list)
+    tau_stage: Optional[str] = None
+    paper: dict[str, tuple] = field(default_factory=dict)
+    paper_train_images: dict[str, str] = field(default_factory=dict)
+    caveat: Optional[str] = None
+    claims: bool = True
+    example_generation: str = "gen-test1"
+    training_generation: str = "gen-train1"
+    mnist_stage: str = "mnist"
+    image_shape: tuple[int, int] = (28, 28)
 
 MNIST_SET, HELDOUT_SET = "mnist_test_lmdb", "lmdb"
 ALPHA = 0.05  # one-sided tests of the claims (paired where the design pairs the nets, else Welch)
@@ -217,29 +255,29 @@ def claims_markdown(checked: list[dict], heading: str = "##") -> list[str]:
     return lines
 
 
-def table1(spec: dict, outputs: dict[str, Path]) -> tuple[str, dict]:
+def table1(spec: ReportSpec, outputs: dict[str, Path]) -> tuple[str, dict]:
     """Markdown Table 1 (ours beside the paper's), the claims of Sec. 5.2, and the numbers behind them.
     `spec` is the protocol's description (`hcgen.experiments.table1.protocol.report_spec`)."""
     numbers: dict[str, dict] = {}
-    for row, evals in spec["rows"].items():
+    for row, evals in spec.rows.items():
         errs = np.array([_errors(outputs[e]) for e in evals])
         numbers[row] = {"nets": len(evals), "mnist": errs[:, 0].tolist(), "adversarial": errs[:, 1].tolist()}
-        if spec.get("units", {}).get(row):
-            numbers[row]["units"] = [list(u) for u in spec["units"][row]]
-        mixes = spec["row_stages"].get(row, [])
+        if spec.units.get(row):
+            numbers[row]["units"] = [list(u) for u in spec.units[row]]
+        mixes = spec.row_stages.get(row, [])
         if mixes:
             numbers[row]["training_images"] = [_training_images(outputs[m]) for m in mixes]
     bins = {label: {"nets": len(evals), "mnist": [_errors(outputs[e])[0] for e in evals],
                     "adversarial": [_errors(outputs[e])[1] for e in evals],
-                    "units": [[b, None] for b in range(1, len(evals) + 1)]} for label, evals in spec["bins"]}
+                    "units": [[b, None] for b in range(1, len(evals) + 1)]} for label, evals in spec.bins}
     tau = None
-    if spec.get("tau_stage") and spec["tau_stage"] in outputs:
-        tau = json.loads((outputs[spec["tau_stage"]] / "tau.json").read_text())
-    paper, paper_images = spec["paper"], spec.get("paper_train_images", {})
+    if spec.tau_stage and spec.tau_stage in outputs:
+        tau = json.loads((outputs[spec.tau_stage] / "tau.json").read_text())
+    paper, paper_images = spec.paper, spec.paper_train_images
     order = sorted(numbers, key=lambda r: np.mean(numbers[r]["mnist"]))
-    lines = [f"# Table 1 — error rates ({spec['profile']} profile)", "", spec["description"]]
-    if spec.get("caveat"):
-        lines += ["", spec["caveat"]]
+    lines = [f"# Table 1 — error rates ({spec.profile} profile)", "", spec.description]
+    if spec.caveat:
+        lines += ["", spec.caveat]
     lines += [
         "",
         "| Method | MNIST (ours) | Adversarial (ours) | nets | training images per net (ours) "
@@ -253,7 +291,7 @@ def table1(spec: dict, outputs: dict[str, Path]) -> tuple[str, dict]:
         lines.append(f"| {row} | {_mean_std(n['mnist'])} | {_mean_std(n['adversarial'])} | {n['nets']} | {images} | "
                      f"{p[0]} | {p[1]} | {f'{paper_images[row]:,}' if row in paper_images else ''} |")
     lines += ["", "Mean ± sample std over the nets of each row; adversarial = error on the held-out set "
-              f"({spec['heldout_types']} types from the MNIST test digits, drawn evenly from every base net, "
+              f"({spec.heldout_types} types from the MNIST test digits, drawn evenly from every base net, "
               "never trained on). Paper: Rozsa et al. 2016, Table 1 (9 nets per row; Goodfellow et al.'s "
               ".782% / 17.9% row is not reproduced). InfiMNIST-style: our random affine + elastic deformations, "
               "not InfiMNIST's data. Training images of the paper: Sec. 5.2 (FGV 37,663; HC-D-9 and "
@@ -272,7 +310,7 @@ def table1(spec: dict, outputs: dict[str, Path]) -> tuple[str, dict]:
                   "| PASS range | nets | MNIST | Adversarial |", "|---|---|---|---|"]
         for label, b in bins.items():
             lines.append(f"| {label} | {b['nets']} | {_mean_std(b['mnist'])} | {_mean_std(b['adversarial'])} |")
-    checked = claims(numbers, bins) if spec.get("claims", True) else []
+    checked = claims(numbers, bins) if spec.claims else []
     if checked:
         lines += ["", "## Does it reproduce? The claims of Sec. 5.2", ""] + claims_markdown(checked)
     return "\n".join(lines) + "\n", {"rows": numbers, "bins": bins, "tau": tau, "claims": checked}
@@ -287,15 +325,15 @@ def _type(r: dict) -> str:
     return r["method"] if scale == 1.0 else f"{r['method']} x{scale:g}"
 
 
-def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
+def figures(outputs: dict[str, Path], spec: ReportSpec, results: Path) -> list[str]:
     import matplotlib  # matplotlib: loaded only when used
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # matplotlib: loaded only when used
 
-    note = f" ({spec['profile']} profile)"
+    note = f" ({spec.profile} profile)"
     made = []
-    gen = outputs["gen-test1"]
+    gen = outputs[spec.example_generation]
     recs = _records(gen)
     # Fig. 2: one digit, its FGS / FGV / HC-D-1 / HC-D-2 adversarials and their perturbations.
     wanted = ["FGS", "FGV", "HC-D-1", "HC-D-2"]
@@ -305,7 +343,7 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
             by_src.setdefault(r["source_index"], {})[r["method"]] = (i, r)
     src = next((s for s, d in by_src.items() if len(d) == len(wanted)), None)
     if src is not None:
-        _, mnist_images, _ = read_lmdb(outputs["mnist"] / "mnist_test_lmdb")
+        _, mnist_images, _ = read_lmdb(outputs[spec.mnist_stage] / "mnist_test_lmdb")
         x = mnist_images[int(src), 0].astype(float)
         fig, ax = plt.subplots(2, 5, figsize=(11, 5))
         ax[0, 0].imshow(x, cmap="gray", vmin=0, vmax=255)
@@ -314,7 +352,7 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
         for j, m in enumerate(wanted, start=1):
             i, r = by_src[src][m]
             adv = decode_datum(read_raw(gen / "lmdb", [i])[0])
-            a = np.frombuffer(adv.data, np.uint8).reshape(28, 28).astype(float)
+            a = np.frombuffer(adv.data, np.uint8).reshape(spec.image_shape).astype(float)
             d = a - x
             ax[0, j].imshow(a, cmap="gray", vmin=0, vmax=255)
             ax[0, j].set_title(f"{m} -> {r['pred']}")
@@ -328,7 +366,7 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
         made.append("fig2_adversarials.png")
 
     # Fig. 4: PASS distributions per type (training generation of base net 1).
-    train_recs = _records(outputs["gen-train1"])
+    train_recs = _records(outputs[spec.training_generation])
     types: dict[str, list[float]] = {}
     for r in train_recs:
         types.setdefault(_type(r), []).append(float(r["pass"]))
@@ -362,9 +400,9 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
     made.append("fig5_metrics.png")
 
     # Fig. 6: error of nets fine-tuned on HC-D hard positives binned by PASS (mean ± std over the bin's nets).
-    labels = [label for label, _ in spec["bins"]]
+    labels = [label for label, _ in spec.bins]
     if labels:
-        per_bin = [np.array([_errors(outputs[e]) for e in evals]) for _, evals in spec["bins"]]
+        per_bin = [np.array([_errors(outputs[e]) for e in evals]) for _, evals in spec.bins]
         mean = np.array([e.mean(axis=0) for e in per_bin])
         std = np.array([e.std(axis=0, ddof=1) if len(e) > 1 else np.zeros(2) for e in per_bin])
         fig, ax1 = plt.subplots(figsize=(7, 4.6))
@@ -377,7 +415,7 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
         ax1.set_xlabel("PASS range of the HC-D training images")
         ax1.set_ylabel("MNIST error (%)")
         ax2.set_ylabel("adversarial error (%)")
-        nets = len(spec["bins"][0][1])
+        nets = len(spec.bins[0][1])
         # title on top, legend below the axes: neither hides the other
         fig.suptitle(f"Fig. 6: training on hard positives by PASS range{note}, {nets} net(s) per bin", fontsize=10)
         fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
@@ -388,14 +426,14 @@ def figures(outputs: dict[str, Path], spec: dict, results: Path) -> list[str]:
     return made
 
 
-def write_report(spec: dict, outputs: dict[str, Path], results: Path,
+def write_report(spec: ReportSpec, outputs: dict[str, Path], results: Path,
                  stage_seconds: dict[str, float] | None = None) -> dict:
     """table1.md, table1.json, the figures, stage_times.json (if given) and a README into `results`."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     text, numbers = table1(spec, outputs)
     atomic_write(results / "table1.md", text)
-    atomic_write(results / "table1.json", json.dumps({"profile": spec["profile"], **numbers}, indent=1))
+    atomic_write(results / "table1.json", json.dumps({"profile": spec.profile, **numbers}, indent=1))
     if stage_seconds is not None:
         atomic_write(results / "stage_times.json", json.dumps(stage_seconds, indent=1, sort_keys=True))
     made = figures(outputs, spec, results)
@@ -409,8 +447,8 @@ def write_report(spec: dict, outputs: dict[str, Path], results: Path,
                       f"digits as FGV images (the paper's 37,663 / 60K = {tau['paper_fgv_share']:.1%}) and "
                       f"{rows['HC-D-9']['kept_per_60k_digits']:,.0f} HC-D-9 images per 60K digits (paper: ~340K).\n")
     atomic_write(results / "README.md",
-        f"# Results ({spec['profile']} profile)\n\n"
-        "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/pipeline/table1.py`.\n\n"
+        f"# Results ({spec.profile} profile)\n\n"
+        "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/experiments/table1/protocol.py`.\n\n"
         "- `table1.md` / `table1.json`: MNIST test error and error on the held-out adversarial set "
         "(14 types, generated from the MNIST test digits on every base net) per row, mean ± std over "
         "the row's nets and the training images per net, beside the paper's numbers; the PASS threshold "
