@@ -28,7 +28,7 @@ from hcgen.backends.base import (PREPROCESSING, Preset, check_labels, gradients_
 from hcgen.errors import BadInput, NotFound
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
-           "open_torch_net", "state_dict_from_caffe", "check_device"]
+           "open_torch_net", "state_dict_from_caffe", "check_device", "layer_output"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,37 @@ def check_device(device: str) -> torch.device:
 
 class _Stop(Exception):
     """Raised by the forward hook once the scores' layer has run (Caffe's forward(end=layer))."""
+
+
+def layer_output(model: torch.nn.Module, x: torch.Tensor, layer: str = "",
+                 module: Optional[torch.nn.Module] = None, option: str = "--layer") -> torch.Tensor:
+    """``model(x)`` (`layer` ""), or the output of `module` (named `layer`) during it, read with a forward hook
+    that stops the forward pass once the module has run (as Caffe's ``forward(end=layer)``). The one place
+    both `TorchNet` and `hcgen.torch.engine.PixelModel` read scores; `option` names the setting in errors."""
+    if not layer:
+        out = model(x)
+        if not isinstance(out, torch.Tensor):
+            raise BadInput(f"the model returns {type(out).__name__}, not a tensor of class scores; "
+                           f"name the module of the logits with {option}")
+        return out
+    captured = []
+
+    def hook(module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise BadInput(f"module {layer!r} returns {type(output).__name__}, not a tensor")
+        captured.append(output)
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise BadInput(f"module {layer!r} did not run in the model's forward pass")
+    return captured[0]
 
 
 class TorchNet:
@@ -190,32 +221,10 @@ class TorchNet:
         pixels = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.device)
         if grad:
             pixels.requires_grad_(True)
-        if not layer:
-            with torch.set_grad_enabled(grad):
-                out = self.model(self.preprocessing.apply(pixels))
-            if not isinstance(out, torch.Tensor):
-                raise BadInput(f"the model returns {type(out).__name__}, not a tensor of class scores; "
-                               "name the module of the logits with --layer")
-            return out, pixels
-        captured = []
-
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise BadInput(f"module {layer!r} returns {type(output).__name__}, not a tensor")
-            captured.append(output)
-            raise _Stop
-
-        handle = self._module(layer).register_forward_hook(hook)
-        try:
-            with torch.set_grad_enabled(grad):
-                self.model(self.preprocessing.apply(pixels))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise BadInput(f"module {layer!r} did not run in the model's forward pass")
-        return captured[0], pixels
+        with torch.set_grad_enabled(grad):
+            out = layer_output(self.model, self.preprocessing.apply(pixels), layer,
+                               self._module(layer) if layer else None)
+        return out, pixels
 
     def layer_shape(self, layer: str) -> tuple[int, ...]:
         """Per-image output shape of the module `layer` ("" = the model's output)."""

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from hcgen.backends.base import softmax_loss_seed
-from hcgen.backends.torch import Normalization, normalization_preset
+from hcgen.backends.torch import Normalization, layer_output, normalization_preset
 from hcgen.core import search as np_search
 from hcgen.core.search import Status
 
@@ -59,10 +59,6 @@ Preprocess = Union[str, Normalization, Callable[[torch.Tensor], torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------- the model
-
-class _Stop(Exception):
-    """Raised by the forward hook once the scores' layer has run."""
-
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
@@ -149,30 +145,8 @@ class PixelModel:
 
     def output(self, pixels: torch.Tensor) -> torch.Tensor:
         """Output of the scores' layer for float32 pixels (N, C, H, W) on the device, in the current grad mode."""
-        if not self.layer:
-            out = self.model(self.preprocess(pixels))
-            if not isinstance(out, torch.Tensor):
-                raise ValueError(f"the model returns {type(out).__name__}, not a tensor of class scores; "
-                                 "name the module of the logits with layer=")
-            return out
-        captured = []
-
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"module {self.layer!r} returns {type(output).__name__}, not a tensor")
-            captured.append(output)
-            raise _Stop
-
-        handle = self._module.register_forward_hook(hook)
-        try:
-            self.model(self.preprocess(pixels))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise ValueError(f"module {self.layer!r} did not run in the model's forward pass")
-        return captured[0]
+        return layer_output(self.model, self.preprocess(pixels), self.layer, self._module if self.layer else None,
+                            option="layer=")
 
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
         """h(x) as float32 (M, n) for integer pixel images (M, C, H, W) of any dtype; ``batch_size`` images
