@@ -19,7 +19,7 @@ import numpy as np
 
 from hcgen.errors import BadInput
 
-__all__ = ["Backend", "Preprocessing", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
+__all__ = ["Backend", "ChunkedBackend", "Preprocessing", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
            "check_class_labels", "scores_in_chunks", "gradients_in_chunks", "loss_gradient_in_chunks"]
 
 
@@ -138,6 +138,23 @@ def check_class_labels(labels, classes: int, where: str, keys: Sequence | None =
         record = f"record {keys[i]}" if keys is not None else f"image {i}"
         raise BadInput(f"{where}: {record} has label {y[i]}, outside the net's {classes} classes [0, {classes}) "
                        f"({len(bad)} of {len(y)} read); labelled for another task or net?")
+
+
+class ChunkedBackend:
+    """The `Backend` methods whose body is the same for every backend, over three of its own: ``_check(pixels)``
+    (the images as an (N, C, H, W) array, validated), ``scores`` and ``_loss_chunk(x, features_fn)`` (one chunk's
+    backward from the score layer, as `BackwardChunk`). `CaffeNet` and `TorchNet` derive from it."""
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, scores): argmax of the scores h(x) (= argmax of the softmax) and h(x)."""
+        s = self.scores(pixels)
+        return s.argmax(axis=1), s
+
+    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """∇ₓJ of the softmax cross-entropy J(θ, x, y) of the scores per image, in pixel units (Eq. 6)."""
+        x = self._check(pixels)
+        y = check_labels(labels, len(x), self.num_classes)
+        return loss_gradient_in_chunks(x, y, self.batch_size, self._loss_chunk)
 
 
 # --- the chunked loops both backends run (CaffeNet, TorchNet): only the per-chunk step is theirs ----------

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcgen.backends.base import (PREPROCESSING, Preset, check_labels, gradients_in_chunks, loss_gradient_in_chunks, preset,
-                                 scores_in_chunks)
+from hcgen.backends.base import PREPROCESSING, ChunkedBackend, Preset, gradients_in_chunks, preset, scores_in_chunks
 from hcgen.backends.pycaffe import caffe, caffe_pb2, text_format
 from hcgen.errors import BadInput, NotFound
 
@@ -75,7 +74,8 @@ LENET, GOOGLENET, RESNET152 = PRESETS["lenet"], PRESETS["googlenet"], PRESETS["r
 
 def preprocessing_preset(name: str) -> Preprocessing:
     """The `Preprocessing` of the preset `name` (`hcgen.backends.base.PREPROCESSING`: lenet, googlenet, resnet152)."""
-    return _from_preset(preset(name, "caffe"))
+    preset(name, "caffe")  # BadInput naming the choices
+    return PRESETS[name]
 
 
 def read_prototxt_into(prototxt: str | os.PathLike, param, what: str):
@@ -109,7 +109,7 @@ def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
 
 
 @dataclass
-class CaffeNet:
+class CaffeNet(ChunkedBackend):
     """A deploy net (prototxt with an Input layer, ``force_backward: true``) + caffemodel.
 
     Parameters
@@ -181,11 +181,6 @@ class CaffeNet:
         """Penultimate scores h(x), float32 (N, n_classes), for pixel images (N, C, H, W)."""
         return scores_in_chunks(self._check(pixels), self.batch_size, self.num_classes, self._forward_chunk)
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, scores): argmax of the penultimate scores (= argmax of the Softmax)."""
-        s = self.scores(pixels)
-        return s.argmax(axis=1), s
-
     # -- gradients ------------------------------------------------------------------------
 
     def _backward_chunk(self, x: np.ndarray, features_fn) -> np.ndarray:
@@ -196,6 +191,8 @@ class CaffeNet:
             self.preprocessing.gradient_to_pixels(self.net.backward_from(self.layer, omega.reshape(shape)))
             for omega in features_fn(h)
         ])
+
+    _loss_chunk = _backward_chunk  # ChunkedBackend.loss_gradient's chunk: the backward from the score layer
 
     def backward_from(self, pixels: np.ndarray, features: np.ndarray) -> np.ndarray:
         """B_l (Sec. 4.3): image-space gradient of <omega, h(x)> for features omega at the penultimate layer.
@@ -215,9 +212,3 @@ class CaffeNet:
             )
         out = gradients_in_chunks(x, self.batch_size, omega, self._backward_chunk)
         return out[0] if single else out
-
-    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """∇ₓJ of the softmax cross-entropy J(θ, x, y) per image, in pixel units (Eq. 6)."""
-        x = self._check(pixels)
-        y = check_labels(labels, len(x), self.num_classes)
-        return loss_gradient_in_chunks(x, y, self.batch_size, self._backward_chunk)

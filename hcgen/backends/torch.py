@@ -23,8 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from hcgen.backends.base import (PREPROCESSING, Preset, check_labels, gradients_in_chunks, loss_gradient_in_chunks, preset,
-                                 scores_in_chunks)
+from hcgen.backends.base import PREPROCESSING, ChunkedBackend, Preset, gradients_in_chunks, preset, scores_in_chunks
 from hcgen.errors import BadInput, NotFound
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
@@ -86,7 +85,8 @@ PRESET_SHAPES = {name: p.image_shape for name, p in PREPROCESSING.items() if "to
 
 def normalization_preset(name: str) -> Normalization:
     """The `Normalization` named `name` in `PRESETS` (lenet, googlenet, resnet152, torchvision)."""
-    return _from_preset(preset(name, "torch"))
+    preset(name, "torch")  # BadInput naming the choices
+    return PRESETS[name]
 
 
 def check_device(device: str) -> torch.device:
@@ -138,7 +138,7 @@ def layer_output(model: torch.nn.Module, x: torch.Tensor, layer: str = "",
     return captured[0]
 
 
-class TorchNet:
+class TorchNet(ChunkedBackend):
     """A ``torch.nn.Module`` classifier as an hcgen backend (see the module docstring).
 
     Parameters
@@ -246,11 +246,6 @@ class TorchNet:
         with torch.inference_mode():
             return scores_in_chunks(x, self.batch_size, self.num_classes, forward)
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, scores): argmax of the scores (= argmax of the softmax)."""
-        s = self.scores(pixels)
-        return s.argmax(axis=1), s
-
     # -- gradients ------------------------------------------------------------------------------
 
     def _backward_chunk(self, x: np.ndarray, layer: str,
@@ -287,11 +282,8 @@ class TorchNet:
         out = gradients_in_chunks(x, self.batch_size, omega, lambda xs, fn: self._backward_chunk(xs, layer, fn))
         return out[0] if single else out
 
-    def loss_gradient(self, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """∇ₓJ of the softmax cross-entropy of the scores per image, in pixel units (Eq. 6)."""
-        x = self._check(pixels)
-        y = check_labels(labels, len(x), self.num_classes)
-        return loss_gradient_in_chunks(x, y, self.batch_size, lambda xs, fn: self._backward_chunk(xs, self.layer, fn))
+    def _loss_chunk(self, x: np.ndarray, features_fn) -> np.ndarray:
+        return self._backward_chunk(x, self.layer, features_fn)
 
 
 # -- loading -------------------------------------------------------------------------------------

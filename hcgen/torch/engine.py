@@ -666,14 +666,7 @@ def search_batch(net, x: np.ndarray, y: np.ndarray, h: np.ndarray, methods: Sequ
 
     ``x`` (N, C, H, W) uint8 correctly classified sources, ``y`` (N,), ``h`` their scores (N, n) as
     ``net.scores(x)`` gave them; returns numpy `hcgen.core.search.SearchResult` and `hcgen.core.search.HardPositives`
-    (None without scales). The dispatch in generate_batch is::
-
-        if isinstance(net, TorchNet):
-            res, hp = hcgen.torch.engine.search_batch(net, x, y, h, methods, scales)
-        else:
-            eta, _ = compute_directions(net, x, y, h, methods)
-            res = search.adversarial_search(net.scores, x, eta, y, clean_scores=h)
-            hp = search.hard_positives(net.scores, x, eta, y, res, scales) if scales else None
+    (None without scales). `hcgen.generate.run.generate_batch` calls it for every batch of a `TorchNet`.
     """
     pm = pixel_model_of(net)
     t = time.perf_counter()

@@ -78,13 +78,8 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     path = folder / LOCK_FILE
     while True:
         fd = _open(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise FolderInUse(f"{folder} is in use by {holder}; wait for that run to finish, "
-                              "or use another folder") from None
+        _flock_or_refuse(fd, fcntl.LOCK_EX, "{folder} is in use by {holder}; wait for that run to finish, or use "
+                         "another folder", folder)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -104,6 +99,17 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def _flock_or_refuse(fd: int, mode: int, message: str, folder) -> None:
+    """flock(fd, mode) without waiting; where another process holds the lock, close `fd` and raise
+    FolderInUse(`message` with {folder} and {holder}, the pid and host the holder wrote)."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise FolderInUse(message.format(folder=folder, holder=holder)) from None
+
+
 def check_not_written(folder: str | os.PathLike) -> None:
     """Raise FolderInUse if another process holds `folder`'s lock (a run is writing what we would read).
 
@@ -116,11 +122,6 @@ def check_not_written(folder: str | os.PathLike) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # no lock file: nobody writes it (or we may not even look)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise FolderInUse(f"{folder} is being written by {holder}; wait for that run to finish") from None
+    _flock_or_refuse(fd, fcntl.LOCK_SH, "{folder} is being written by {holder}; wait for that run to finish", folder)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
