@@ -4,7 +4,7 @@
         ../shared/runs/table1-medium-rerun/table1.json [--names committed rerun]
 
 Each run's claims are recomputed from its table1.json with today's tests (paired where the design pairs the
-nets, Welch otherwise: `hcgen.experiments.table1.results.claims`), so runs written by an older hcgen compare on the
+nets, Welch otherwise: `hcgen.experiments.table1.claims.claims`), so runs written by an older hcgen compare on the
 same footing. A verdict is *settled* only where every run gives the same one; otherwise the effect sits
 inside the run-to-run (machine-to-machine) spread. Prints a markdown table.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from hcgen.experiments.table1.results import claims, load_numbers  # noqa: E402
+from hcgen.experiments.table1.claims import claims, load_numbers  # noqa: E402
 
 
 def compare_runs(paths: list[Path], names: list[str]) -> str:

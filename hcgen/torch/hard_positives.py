@@ -198,7 +198,6 @@ class HardPositives:
         y = self._check_y(y, len(x))
         out_dtype = x.dtype
         dev = self.pm.device
-        D = len(self.methods)
         clock = _Clock(("scores", "directions", "search", "scale", "pass"))
         t0 = clock.now()
         stats = {"images": len(x), "searches": 0, "found": 0, "candidates": 0, "kept": 0,

@@ -430,7 +430,7 @@ def test_a_changed_prototxt_or_solver_gives_new_stage_keys(tmp_path, monkeypatch
 
 
 def test_claims_are_checked_with_welch_tests():
-    from hcgen.experiments.table1.results import claims
+    from hcgen.experiments.table1.claims import claims
 
     nine = lambda m, s=0.02: [m + s * d for d in (-4, -3, -2, -1, 0, 1, 2, 3, 4)]  # noqa: E731
     numbers = {"Basic LeNet": {"mnist": [0.95, 0.93, 0.94], "adversarial": [64.0, 65.0, 63.0]},
@@ -453,7 +453,7 @@ def test_claims_are_checked_with_welch_tests():
 def test_claims_pair_the_nets_as_the_design_does():
     """Fine-tuned rows pair by (base net, ordering), a row against Basic LeNet by base net: a consistent
     per-net improvement that Welch's test cannot see through the spread between base nets holds paired."""
-    from hcgen.experiments.table1.results import claims, compare, paired_values
+    from hcgen.experiments.table1.claims import claims, compare, paired_values
 
     units = [[b, o] for b in (1, 2, 3) for o in (1, 2, 3)]
     spread = [0.0, 0.01, 0.02, 1.0, 1.01, 1.02, 2.0, 2.01, 2.02]  # base nets differ a lot
@@ -484,7 +484,7 @@ def test_claims_pair_the_nets_as_the_design_does():
 
 
 def test_claims_render_as_a_table_with_the_evidence_below():
-    from hcgen.experiments.table1.results import claims, claims_markdown
+    from hcgen.experiments.table1.claims import claims, claims_markdown
 
     numbers = {"Basic LeNet": {"mnist": [0.95, 0.93, 0.94], "adversarial": [64.0, 65.0, 63.0]},
                "FGS": {"mnist": [0.8, 0.79, 0.81], "adversarial": [31.0, 30.0, 32.0]},
@@ -523,7 +523,7 @@ def test_compare_runs_recomputes_claims_from_older_table1_json(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from hcgen.experiments.table1.results import load_numbers
+    from hcgen.experiments.table1.claims import load_numbers
 
     committed = Path(__file__).resolve().parents[2] / "docs" / "table1-medium" / "table1.json"
     rows, bins = load_numbers(committed)

@@ -120,11 +120,10 @@ def test_evaluate_a_torch_net_through_the_same_backend_contract(net, generated, 
     """`hcgen evaluate --framework torch`: examples/torch_lenet.py holding the Caffe net's weights makes the
     same predictions as Caffe (checked image by image on the CaffeNet), so the error table is the same."""
     torch = pytest.importorskip("torch")
-    from hcgen.backends.torch import load_model, state_dict_from_caffe
+    from hcgen.backends.torch import state_dict_from_caffe
 
     path, images, labels, methods, _ = generated
     caffe_net = CaffeNet(DEPLOY, net["weights"])
-    model = load_model(f"{REPO / 'examples' / 'torch_lenet.py'}:lenet")
     params = caffe_net.net.params
     torch.save(state_dict_from_caffe({n: [b.data for b in params[n]] for n in params}), tmp_path / "lenet.pt")
     torch_net = BackendSpec(f"{REPO / 'examples' / 'torch_lenet.py'}:lenet", tmp_path / "lenet.pt",
