@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def test_report_table_and_figures(tiny_run):
         assert (results / name).stat().st_size > 10_000, name
     # the base net misclassifies its own minimal adversarials in the held-out set: high adversarial error
     assert numbers["Basic LeNet"]["adversarial"][0] > 50
+    assert sorted(re.findall(r"`(fig\d_\w+\.png)`", (results / "README.md").read_text())) == sorted(
+        p.name for p in results.glob("fig*.png"))
+
+
+def test_results_readme_lists_only_the_figures_made(tiny_run, tmp_path):
+    """A profile without Fig. 6 bins (paper-rows) gets no fig6 file and no line about one."""
+    from dataclasses import replace
+
+    profile, _, _, outputs, _ = tiny_run
+    report = write_report(replace(table1.report_spec(profile), bins=[]), outputs, tmp_path)
+    assert "fig6_pass_bins.png" not in report["figures"] and not (tmp_path / "fig6_pass_bins.png").exists()
+    readme = (tmp_path / "README.md").read_text()
+    assert "fig6" not in readme and "`fig5_metrics.png`: per adversarial type" in readme
 
 
 def test_rerun_skips_finished_stages(tiny_run):

@@ -262,6 +262,15 @@ def write_report(spec: ReportSpec, outputs: dict[str, Path], results: Path,
         reproduce += (f"\nPASS threshold: tau = {tau['tau']:.4f} keeps {rows['FGV']['kept_share_of_digits']:.1%} of the "
                       f"digits as FGV images (the paper's 37,663 / 60K = {tau['paper_fgv_share']:.1%}) and "
                       f"{rows['HC-D-9']['kept_per_60k_digits']:,.0f} HC-D-9 images per 60K digits (paper: ~340K).\n")
+    figure_lines = {
+        "fig2_adversarials.png": "one test digit and its minimal FGS, FGV, HC-D-1, HC-D-2 adversarials on base net 1, "
+        "perturbations scaled to [-1, 1] (black -1, white +1), captions (PASS, L2 per pixel = ||δ||₂ / 784, L∞)",
+        "fig4_pass_distributions.png": "PASS per type over base net 1's training-image generation (boxes: "
+        "quartiles, whiskers 1.5 IQR)",
+        "fig5_metrics.png": "per adversarial type, mean PASS and mean L2 / L∞ each scaled so the largest type is 1",
+        "fig6_pass_bins.png": "base nets fine-tuned on their HC-D-1..9 images (all scales) whose PASS falls in each "
+        "range, plus the 60K digits; MNIST and held-out adversarial error, mean ± std",
+    }
     atomic_write(results / "README.md",
         f"# Results ({spec.profile} profile)\n\n"
         "Made by `scripts/reproduce_table1.sh` (`hcgen table1`), protocol in `hcgen/experiments/table1/protocol.py`.\n\n"
@@ -271,15 +280,7 @@ def write_report(spec: ReportSpec, outputs: dict[str, Path], results: Path,
         "tau and what it keeps of every row; Fig. 6's numbers; the claims of Sec. 5.2 checked with "
         "one-sided tests (paired where the nets pair, else Welch).\n"
         "- `stage_times.json`: seconds each stage's function ran (from its `.stage.json`).\n"
-        "- `fig2_adversarials.png`: one test digit and its minimal FGS, FGV, HC-D-1, HC-D-2 adversarials "
-        "on base net 1, perturbations scaled to [-1, 1] (black -1, white +1), captions (PASS, L2 per "
-        "pixel = ||δ||₂ / 784, L∞).\n"
-        "- `fig4_pass_distributions.png`: PASS per type over base net 1's training-image generation "
-        "(boxes: quartiles, whiskers 1.5 IQR).\n"
-        "- `fig5_metrics.png`: per adversarial type, mean PASS and mean L2 / L∞ each scaled so the "
-        "largest type is 1.\n"
-        "- `fig6_pass_bins.png`: base nets fine-tuned on their HC-D-1..9 images (all scales) whose PASS "
-        "falls in each range, plus the 60K digits; MNIST and held-out adversarial error, mean ± std.\n"
+        + "".join(f"- `{name}`: {text}.\n" for name, text in figure_lines.items() if name in made)
         + reproduce
     )
     return {"table": text, "figures": made}
