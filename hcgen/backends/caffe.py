@@ -108,6 +108,24 @@ def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
     return producers[-1]
 
 
+def input_gradients_only(net: caffe.Net) -> bool:
+    """Switch off the weight gradients of `net`'s backward pass; True where pycaffe can (patch 0006).
+
+    ``force_backward: true``, which the input gradient needs, makes Caffe's Net::Init compute the gradient
+    of every parameter blob in every backward pass as well. hcgen reads only the input gradient, and each
+    layer computes its bottom gradient apart from its parameter gradients (Convolution, InnerProduct,
+    Scale, PReLU, ...), so the input gradient is bit for bit the same without them
+    (tests/backends/test_caffe_net.py) and the backward pass does less work (benchmarks/README.md).
+    """
+    layers = list(net.layers)
+    if not layers or not hasattr(layers[0], "set_param_propagate_down"):
+        return False  # a Caffe built without hcgen's patches/0006-pycaffe-param-propagate-down.patch
+    for layer in layers:
+        for i in range(len(layer.blobs)):
+            layer.set_param_propagate_down(i, False)
+    return True
+
+
 @dataclass
 class CaffeNet(ChunkedBackend):
     """A deploy net (prototxt with an Input layer, ``force_backward: true``) + caffemodel.
@@ -136,6 +154,7 @@ class CaffeNet(ChunkedBackend):
         if not Path(self.weights).is_file():
             raise NotFound(f"weights not found: {self.weights} (train a net with `hcgen train`)")
         self.net = caffe.Net(str(self.deploy), caffe.TEST, weights=str(self.weights))
+        self.input_gradients_only = input_gradients_only(self.net)
         if len(self.net.inputs) != 1:
             raise BadInput(f"{self.deploy} must have exactly one input blob, has {list(self.net.inputs)}")
         self.input_blob = self.net.inputs[0]

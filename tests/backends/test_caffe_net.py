@@ -88,3 +88,63 @@ def test_errors(tmp_path, random_lenet):
     bad.write_text("layer { name: ")
     with pytest.raises(ValueError, match="not a valid Caffe NetParameter"):
         CaffeNet(bad, random_lenet)
+
+
+BN_NET = """name: "bn-scale-prelu"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 }
+                      bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv"
+  scale_param { bias_term: true filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prelu" type: "PReLU" bottom: "conv" top: "conv" prelu_param { filler { type: "constant" value: 0.2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def _set_weight_gradients(net, on: bool) -> None:
+    for layer in net.net.layers:
+        for i in range(len(layer.blobs)):
+            layer.set_param_propagate_down(i, on)
+
+
+@pytest.mark.parametrize("which", ["lenet", "bn-scale-prelu"])
+def test_input_gradients_are_the_same_without_weight_gradients(which, random_lenet, mnist_test_slice, tmp_path):
+    """CaffeNet switches the weight gradients off (patch 0006): every parameter blob's param_propagate_down is
+    False and its diff stays 0 after a backward; switched back on, the diffs are computed and the loss
+    gradient and B_l are bit for bit the same (LeNet; Convolution, BatchNorm, Scale with bias, PReLU,
+    InnerProduct)."""
+    rng = np.random.default_rng(3)
+    if which == "lenet":
+        deploy, weights = DEPLOY, random_lenet
+        x = mnist_test_slice[0][:40, None]
+    else:
+        deploy, weights = tmp_path / "bn.prototxt", tmp_path / "bn.caffemodel"
+        deploy.write_text(BN_NET)
+        caffe.set_random_seed(9)
+        raw = caffe.Net(str(deploy), caffe.TEST)
+        mean, var, factor = raw.params["bn"]
+        mean.data[...] = rng.normal(0, 0.2, mean.data.shape)
+        var.data[...] = rng.uniform(0.5, 2.0, var.data.shape)
+        factor.data[...] = 1.0
+        raw.save(str(weights))
+        x = rng.integers(0, 256, (10, 3, 8, 8)).astype(np.uint8)
+    net = CaffeNet(deploy, weights, batch_size=16)
+    params = [(layer, i) for layer in net.net.layers for i in range(len(layer.blobs))]
+    assert net.input_gradients_only and len(params) >= 4
+    assert not any(layer.param_propagate_down(i) for layer, i in params)
+    y = rng.integers(0, net.num_classes, len(x))
+    omega = rng.normal(size=(2, len(x), net.num_classes))
+    off = (net.loss_gradient(x, y), net.backward_from(x, omega))
+    assert all(not np.any(layer.blobs[i].diff) for layer, i in params)
+    _set_weight_gradients(net, True)
+    on = (net.loss_gradient(x, y), net.backward_from(x, omega))
+    learned = [(layer, i) for layer, i in params if layer.type != "BatchNorm"]  # BN's statistics get no gradient
+    assert all(np.any(layer.blobs[i].diff) for layer, i in learned)  # computed now
+    for a, b in zip(off, on):
+        assert np.any(a) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
