@@ -26,7 +26,8 @@ import numpy as np
 
 from hcgen.core.methods import parse_methods
 from hcgen.errors import BadInput
-from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb, lmdb_count
+from hcgen.data.lmdb_io import iter_lmdb, lmdb_count
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.util.locks import check_not_written
 
 FORMATS = ("imagefolder", "npz")

@@ -30,7 +30,8 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from hcgen.core.methods import Method, parse_methods
-from hcgen.data.lmdb_io import DATA_FILES, METADATA_FILE, MetadataTable, lmdb_count
+from hcgen.data.lmdb_io import DATA_FILES, lmdb_count
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.errors import BadInput, NotFound
 from hcgen.util.fileio import atomic_write
 from hcgen.util.locks import LOCK_FILE

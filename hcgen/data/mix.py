@@ -15,9 +15,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from hcgen.data.lmdb_io import (METADATA_FILE, DatumWriter, MetadataTable, contiguous_count, key_for, lmdb_count,
-                                open_readonly, read_raw, require_lmdb)
-
+from hcgen.data.lmdb_io import (DatumWriter, contiguous_count, key_for, lmdb_count, open_readonly, read_raw,
+                                require_lmdb)
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.errors import BadInput
 from hcgen.util.fileio import atomic_write_json
 from hcgen.util.locks import folder_lock

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from hcgen.core.methods import parse_methods
-from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, decode_datum, key_for, lmdb_count
+from hcgen.data.lmdb_io import decode_datum, key_for, lmdb_count
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.errors import BadInput, NoSuchRecord, NotFound
 
 __all__ = ["GeneratedDataset"]

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 from hcgen.core.methods import parse_methods
 from hcgen.data import genfolder
 from hcgen.data.genfolder import COLUMNS, MERGE_FILE, SETTINGS_FILE, SUMMARY_FILE
-from hcgen.data.lmdb_io import METADATA_FILE, DatumWriter, MetadataTable, lmdb_count, read_raw
+from hcgen.data.lmdb_io import DatumWriter, lmdb_count, read_raw
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.errors import BadInput, NotAFolder, NotFound
 from hcgen.util.fileio import atomic_write_json
 from hcgen.util.locks import folder_lock

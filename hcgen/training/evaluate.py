@@ -17,7 +17,8 @@ import numpy as np
 
 from hcgen.backends.base import Backend, check_class_labels
 from hcgen.backends.factory import BackendSpec
-from hcgen.data.lmdb_io import METADATA_FILE, MetadataTable, iter_lmdb
+from hcgen.data.lmdb_io import iter_lmdb
+from hcgen.data.metadata import METADATA_FILE, MetadataTable
 from hcgen.errors import BadInput, NotFound
 
 ALL = "all"

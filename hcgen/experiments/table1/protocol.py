@@ -40,7 +40,8 @@ import numpy as np
 
 from hcgen.backends.factory import BackendSpec
 from hcgen.data.infimnist import write_infimnist
-from hcgen.data.lmdb_io import DatumWriter, MetadataTable, read_raw
+from hcgen.data.lmdb_io import DatumWriter, read_raw
+from hcgen.data.metadata import MetadataTable
 from hcgen.data.mix import mix_training_data
 from hcgen.data.mnist import convert_mnist
 from hcgen.errors import BadInput, NotFound

@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from hcgen.data.lmdb_io import MetadataTable, lmdb_count, read_raw, decode_datum
-from hcgen.data.lmdb_io import read_lmdb
+from hcgen.data.lmdb_io import decode_datum, lmdb_count, read_lmdb, read_raw
+from hcgen.data.metadata import MetadataTable
 from hcgen.experiments.table1.claims import claims, claims_markdown
 from hcgen.util.fileio import atomic_write
 
