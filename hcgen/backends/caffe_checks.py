@@ -285,6 +285,8 @@ def build_info() -> dict:
         "blas_kernels": describe_blas(),
         "layer_types": len(caffe.layer_type_list()),
         "has_backward_from": hasattr(caffe.Net, "backward_from"),
+        # patch 0006: without it CaffeNet still works, computing the weight gradients it never reads
+        "skips_weight_gradients": hasattr(caffe.Layer, "set_param_propagate_down"),
     }
 
 
