@@ -19,7 +19,7 @@ import numpy as np
 
 from hcgen.errors import BadInput
 
-__all__ = ["Backend", "ChunkedBackend", "Preprocessing", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
+__all__ = ["Backend", "ChunkedBackend", "Preprocessing", "PixelMapping", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
            "check_class_labels", "scores_in_chunks", "gradients_in_chunks", "loss_gradient_in_chunks"]
 
 
@@ -31,20 +31,26 @@ class Preprocessing(Protocol):
 
 
 @dataclass(frozen=True)
-class Preset:
+class PixelMapping:
+    """The numbers of a pixels -> input mapping: ``input[:, c] = (pixels[:, channel_order[c]] * scale - mean[c])
+    / std[c]``; empty tuples mean none. `Preset` and `hcgen.backends.torch.Normalization` are such numbers."""
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    channel_order: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preset(PixelMapping):
     """One named pixels -> input mapping (``--preprocess NAME``), the same numbers for every backend.
 
-    ``input[:, c] = (pixels[:, channel_order[c]] * scale - mean[c]) / std[c]``; empty tuples mean none.
     Caffe's `hcgen.backends.caffe.Preprocessing` subtracts the mean *before* scaling and has no std, so a
     preset that needs either (torchvision's) lists only ``torch`` in `frameworks`.
     `image_shape` is the (C, H, W) of the source images the preset is for (hcgen.data.images makes
     224x224 centre crops).
     """
 
-    scale: float = 1.0
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    channel_order: tuple[int, ...] = ()
     image_shape: tuple[int, int, int] = (3, 224, 224)
     frameworks: tuple[str, ...] = ("caffe", "torch")
 

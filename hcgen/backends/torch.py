@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from hcgen.backends.base import PREPROCESSING, ChunkedBackend, Preset, gradients_in_chunks, preset, scores_in_chunks
+from hcgen.backends.base import (PREPROCESSING, ChunkedBackend, PixelMapping, Preset, gradients_in_chunks, preset,
+                                 scores_in_chunks)
 from hcgen.errors import BadInput, NotFound
 
 __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalization_preset", "load_model",
@@ -31,7 +32,7 @@ __all__ = ["Normalization", "TorchNet", "PRESETS", "PRESET_SHAPES", "normalizati
 
 
 @dataclass(frozen=True)
-class Normalization:
+class Normalization(PixelMapping):
     """Pixels -> model input: ``input[:, c] = (pixels[:, channel_order[c]] * scale - mean[c]) / std[c]``.
 
     Caffe's LeNet: ``scale=1/256``. torchvision's ImageNet models on hcgen's BGR pixels:
@@ -39,11 +40,6 @@ class Normalization:
     Empty ``mean`` / ``std`` / ``channel_order`` mean none; identity steps are skipped, so LeNet's input
     is ``pixels * 0.00390625`` in float32, bit for bit what `CaffeNet` feeds Caffe.
     """
-
-    scale: float = 1.0
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    channel_order: tuple[int, ...] = ()
 
     def check(self, channels: int) -> None:
         for name in ("mean", "std", "channel_order"):
@@ -73,7 +69,7 @@ class Normalization:
 
 
 def _from_preset(p: Preset) -> Normalization:
-    return Normalization(scale=p.scale, mean=p.mean, std=p.std, channel_order=p.channel_order)
+    return Normalization(**{f.name: getattr(p, f.name) for f in fields(PixelMapping)})
 
 
 # hcgen.backends.base.PREPROCESSING as torch runs it (the ImageNet presets on BGR pixels, as in CaffeNet)
