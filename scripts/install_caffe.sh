@@ -65,7 +65,7 @@ for p in "$root"/patches/*.patch; do
 done
 
 jobs=$(nproc 2>/dev/null || echo 2)
-echo "hcgen: building Caffe into $prefix (minutes, once per set of patches: 4 min on 2 cores here; log: $log)"
+echo "hcgen: building Caffe into $prefix (a few minutes on 2 cores, once per set of patches; log: $log)"
 if ! {
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_INSTALL_PREFIX="$prefix" -DPython3_EXECUTABLE="$py" &&
