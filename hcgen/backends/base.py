@@ -19,8 +19,9 @@ import numpy as np
 
 from hcgen.errors import BadInput
 
-__all__ = ["Backend", "ChunkedBackend", "Preprocessing", "PixelMapping", "Preset", "PREPROCESSING", "preset", "softmax_loss_seed", "check_labels",
-           "check_class_labels", "scores_in_chunks", "gradients_in_chunks", "loss_gradient_in_chunks"]
+__all__ = ["Backend", "ChunkedBackend", "Preprocessing", "PixelMapping", "Preset", "PREPROCESSING", "preset",
+           "softmax_loss_seed", "check_labels", "check_class_labels", "scores_in_chunks", "gradients_in_chunks",
+           "loss_gradient_in_chunks"]
 
 
 @runtime_checkable

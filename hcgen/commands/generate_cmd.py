@@ -5,7 +5,8 @@ import argparse
 
 from tqdm import tqdm
 
-from hcgen.backends.factory import BackendSpec
+from hcgen.backends.base import PREPROCESSING
+from hcgen.backends.factory import FRAMEWORKS, BackendSpec
 from hcgen.core.methods import PAPER_METHODS
 from hcgen.core.methods import parse_methods, parse_scales
 from hcgen.generate.run import GenerateSettings
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> None:
         "them with their ORIGINAL labels to the LMDB folder --out (metadata.csv, failures.csv, "
         "summary.json beside the data). Rerunning the same command resumes an interrupted run.",
     )
-    p.add_argument("--framework", default="caffe", choices=("caffe", "torch"),
+    p.add_argument("--framework", default="caffe", choices=FRAMEWORKS,
                    help="caffe (default): --model is a deploy prototxt; torch: --model is FILE.py:FACTORY "
                    "(FACTORY() returns a torch.nn.Module) or a TorchScript file, see examples/torch_lenet.py")
     p.add_argument("--model", required=True, help="deploy prototxt (Input layer, force_backward: true), or with "
@@ -53,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard", default="0/1", metavar="K/N", help="process only batches b with b %% N == K")
     p.add_argument("--layer", default=None, help="penultimate layer (default: the input of the final Softmax; "
                    "torch: a module name of model.named_modules(), default the model's output)")
-    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152", "torchvision"),
+    p.add_argument("--preprocess", default="lenet", choices=tuple(PREPROCESSING),
                    help="pixels -> net input: lenet (x/256), googlenet (BGR minus 104,117,123), resnet152 "
                    "(BGR minus 103.94,116.78,123.68), torchvision (torch only: BGR -> RGB, /255, ImageNet "
                    "mean/std) (default lenet)")

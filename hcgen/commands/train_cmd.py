@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hcgen.backends.base import PREPROCESSING
+from hcgen.backends.factory import FRAMEWORKS
 from hcgen.data.lmdb_io import lmdb_count
 from hcgen.data.mix import mix_training_data
 from hcgen.training import caffe_train as training
@@ -63,8 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "FILE.py:FACTORY or a TorchScript file")
     p.add_argument("--weights", default=None, metavar="W",
                    help="trained caffemodel (required with caffe), or a torch state_dict (optional with torch)")
-    p.add_argument("--framework", default="caffe", choices=("caffe", "torch"), help="default caffe")
-    p.add_argument("--preprocess", default="lenet", choices=("lenet", "googlenet", "resnet152", "torchvision"),
+    p.add_argument("--framework", default="caffe", choices=FRAMEWORKS, help="default caffe")
+    p.add_argument("--preprocess", default="lenet", choices=tuple(PREPROCESSING),
                    help="pixels -> net input, as in `hcgen generate` (default lenet)")
     p.add_argument("--data", required=True, nargs="+", metavar="LMDB", help="LMDBs to evaluate")
     p.add_argument("--by", default="method", metavar="COL,COL",

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-
 from hcgen.backends.base import check_class_labels
 from hcgen.data.lmdb_io import iter_lmdb, require_lmdb
 from hcgen.errors import BadInput, ExternalFailure, NotFound
