@@ -38,10 +38,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.weights is not None:  # a bad caffemodel would abort Caffe (and this process) at step 3
-        from hcgen.backends.caffe_checks import check_deploy  # pycaffe: loaded only when used
-
-        check_deploy(MODELS / "lenet_deploy.prototxt", args.weights)
+    deploy = MODELS / "lenet_deploy.prototxt"
+    net = None
+    if args.weights is not None:  # opened (and checked: a bad caffemodel would abort Caffe) before steps 1-2
+        net = BackendSpec(str(deploy), str(args.weights)).open()
     print(f"[1/3] MNIST -> {out / 'mnist'}")
     convert_mnist(out / "mnist", args.mnist)
     weights = args.weights
@@ -57,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
                   train_lmdb=out / "mnist" / "mnist_train_lmdb", test_lmdb=out / "mnist" / "mnist_test_lmdb",
                   progress=progress)
         weights = caffemodel(out / "lenet")
-    deploy = MODELS / "lenet_deploy.prototxt"
     print(f"[3/3] generating from {args.limit} MNIST test digits with {weights} -> {out / 'adversarial_lmdb'}")
-    spec = BackendSpec(str(deploy), str(weights))
-    settings = GenerateSettings(**spec.provenance(), source=str(out / "mnist" / "mnist_test_lmdb"), split="test",
+    if net is None:
+        net = BackendSpec(str(deploy), str(weights)).open()
+    settings = GenerateSettings(**net.spec.provenance(), source=str(out / "mnist" / "mnist_test_lmdb"), split="test",
                                 methods=PAPER_METHODS, scales="1.05,1.10", min_pass=-1.0, limit=args.limit, seed=0,
                                 batch_size=50)
     with tqdm(desc="generate", unit="img", disable=None) as bar:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(n)
 
-        summary = generate(spec.open(), settings, out / "adversarial_lmdb", progress=gen_progress)
+        summary = generate(net, settings, out / "adversarial_lmdb", progress=gen_progress)
     print_summary(summary)
     print(f"\nrecords (Caffe Datum LMDB + metadata.csv): {out / 'adversarial_lmdb'}")
     report = write_generation_report(out / "adversarial_lmdb", out / "report.html", title="hcgen demo: LeNet / MNIST")
