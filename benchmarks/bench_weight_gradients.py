@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_weight_gradients.py [--weights LENET.caffemodel] [--digits 256] [--rounds 3]
 
 `CaffeNet` switches off the parameter gradients that ``force_backward: true`` makes Caffe compute in every
-backward pass (`hcgen.backends.caffe.input_gradients_only`). This times `generate_batch` (the paper-rows
+backward pass (`hcgen.backends.caffe.set_weight_gradients`). This times `generate_batch` (the paper-rows
 methods FGS, FGV, HC-D-1..9, x1.05 hard positives, PASS on one thread) on the same training digits with
 them switched back on ("before") and off ("after"), rounds interleaved, and prints the medians, the ratio,
 the backward passes' own times, and whether the records are identical. Without --weights a LeNet is trained
@@ -21,16 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.bench_search import DEPLOY, trained_lenet  # noqa: E402
-from hcgen.backends.caffe import CaffeNet  # noqa: E402
+from hcgen.backends.caffe import CaffeNet, set_weight_gradients  # noqa: E402
 from hcgen.core.methods import parse_methods  # noqa: E402
 from hcgen.data.mnist import load_mnist  # noqa: E402
 from hcgen.generate.run import compute_directions, generate_batch  # noqa: E402
-
-
-def set_weight_gradients(net: CaffeNet, on: bool) -> None:
-    for layer in net.net.layers:
-        for i in range(len(layer.blobs)):
-            layer.set_param_propagate_down(i, on)
 
 
 def main() -> int:
@@ -66,7 +60,7 @@ def main() -> int:
     records = {}
     for _ in range(args.rounds):
         for name, on in (("before", True), ("after", False)):
-            set_weight_gradients(net, on)
+            set_weight_gradients(net.net, on)
             seconds, out = generation()
             times[name].append(seconds)
             back[name].append(backward())

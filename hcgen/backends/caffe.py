@@ -108,13 +108,13 @@ def penultimate_layer(param: caffe_pb2.NetParameter) -> str:
     return producers[-1]
 
 
-def input_gradients_only(net: caffe.Net) -> bool:
-    """Switch off the weight gradients of `net`'s backward pass; True where pycaffe can (patch 0006).
+def set_weight_gradients(net: caffe.Net, on: bool) -> bool:
+    """Switch the weight gradients of `net`'s backward pass on or off; False where pycaffe cannot (patch 0006).
 
     ``force_backward: true``, which the input gradient needs, makes Caffe's Net::Init compute the gradient
     of every parameter blob in every backward pass as well. hcgen reads only the input gradient, and each
     layer computes its bottom gradient apart from its parameter gradients (Convolution, InnerProduct,
-    Scale, PReLU, ...), so the input gradient is bit for bit the same without them
+    Scale, PReLU, ...), so `CaffeNet` switches them off: the input gradient is bit for bit the same
     (tests/backends/test_caffe_net.py) and the backward pass does less work (benchmarks/README.md).
     """
     layers = list(net.layers)
@@ -122,7 +122,7 @@ def input_gradients_only(net: caffe.Net) -> bool:
         return False  # a Caffe built without hcgen's patches/0006-pycaffe-param-propagate-down.patch
     for layer in layers:
         for i in range(len(layer.blobs)):
-            layer.set_param_propagate_down(i, False)
+            layer.set_param_propagate_down(i, on)
     return True
 
 
@@ -154,7 +154,7 @@ class CaffeNet(ChunkedBackend):
         if not Path(self.weights).is_file():
             raise NotFound(f"weights not found: {self.weights} (train a net with `hcgen train`)")
         self.net = caffe.Net(str(self.deploy), caffe.TEST, weights=str(self.weights))
-        self.input_gradients_only = input_gradients_only(self.net)
+        self.input_gradients_only = set_weight_gradients(self.net, False)
         if len(self.net.inputs) != 1:
             raise BadInput(f"{self.deploy} must have exactly one input blob, has {list(self.net.inputs)}")
         self.input_blob = self.net.inputs[0]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hcgen.backends.caffe import LENET, CaffeNet, Preprocessing, caffe, penultimate_layer, read_net_parameter
+from hcgen.backends.caffe import (LENET, CaffeNet, Preprocessing, caffe, penultimate_layer, read_net_parameter,
+                                  set_weight_gradients)
 
 from tests.conftest import MODELS
 
@@ -106,12 +107,6 @@ layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
 """
 
 
-def _set_weight_gradients(net, on: bool) -> None:
-    for layer in net.net.layers:
-        for i in range(len(layer.blobs)):
-            layer.set_param_propagate_down(i, on)
-
-
 @pytest.mark.parametrize("which", ["lenet", "bn-scale-prelu"])
 def test_input_gradients_are_the_same_without_weight_gradients(which, random_lenet, mnist_test_slice, tmp_path):
     """CaffeNet switches the weight gradients off (patch 0006): every parameter blob's param_propagate_down is
@@ -141,7 +136,7 @@ def test_input_gradients_are_the_same_without_weight_gradients(which, random_len
     omega = rng.normal(size=(2, len(x), net.num_classes))
     off = (net.loss_gradient(x, y), net.backward_from(x, omega))
     assert all(not np.any(layer.blobs[i].diff) for layer, i in params)
-    _set_weight_gradients(net, True)
+    assert set_weight_gradients(net.net, True)
     on = (net.loss_gradient(x, y), net.backward_from(x, omega))
     learned = [(layer, i) for layer, i in params if layer.type != "BatchNorm"]  # BN's statistics get no gradient
     assert all(np.any(layer.blobs[i].diff) for layer, i in learned)  # computed now
